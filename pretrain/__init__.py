@@ -1,0 +1,1 @@
+"""MoCo pretraining: model, data, loop, checkpoints, and the small helpers the transfer stage reuses."""

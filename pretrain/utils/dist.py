@@ -1,0 +1,96 @@
+"""One distributed code path: torchrun (``env://``) on N GPUs / nodes, or a single process anywhere.
+
+``rank()`` and ``world_size()`` answer 0 and 1 without a process group, so the loss, the queue and
+shuffle BN run unchanged in unit tests (the pattern of lightly's ``utils/dist.py``).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """``auto``: this process's GPU (``LOCAL_RANK``) if CUDA is available, else the CPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda requested but CUDA is not available")
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device(requested)
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group described by torchrun's environment; no-op for a single process."""
+    if is_dist() or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(minutes=30))
+    log.info("process group: backend=%s rank=%d world_size=%d", backend, rank(), world_size())
+
+
+def cleanup_distributed() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0 (no gradient flows back).
+
+    All ranks must pass tensors of the same shape.
+    """
+    if not is_dist():
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if is_dist():
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+def all_reduce_mean(value: float | torch.Tensor) -> float:
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if is_dist():
+        backend_device = torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = t.to(backend_device)
+        dist.all_reduce(t)
+        t = t / world_size()
+    return float(t)

@@ -1,0 +1,39 @@
+"""Write the built-in synthetic datasets (real on-disk formats) used by tests and ``--preset smoke``.
+
+    python tools/make_synthetic_data.py --root data/synthetic [--kinds imagenet,shards,voc]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pretrain.data.synthetic import make_imagenet_folders, make_tar_shards
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=Path("data/synthetic"))
+    p.add_argument("--kinds", default="imagenet,shards")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--train-per-class", type=int, default=40)
+    p.add_argument("--val-per-class", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    kinds = set(a.kinds.split(","))
+    if "imagenet" in kinds:
+        make_imagenet_folders(a.root / "imagenet", a.num_classes, a.train_per_class, a.val_per_class,
+                              a.image_size, a.seed)
+        print(f"wrote {a.root / 'imagenet'}")
+    if "shards" in kinds:
+        paths = make_tar_shards(a.root / "shards", num_classes=a.num_classes, image_size=a.image_size, seed=a.seed)
+        print(f"wrote {len(paths)} shards under {a.root / 'shards'}")
+    if "voc" in kinds:
+        from transfer.data.synthetic_voc import make_vocdevkit  # written by the transfer stage
+
+        make_vocdevkit(a.root / "VOCdevkit", seed=a.seed)
+        print(f"wrote {a.root / 'VOCdevkit'}")
+
+
+if __name__ == "__main__":
+    main()

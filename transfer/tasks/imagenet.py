@@ -1,0 +1,1 @@
+"""ImageNet linear classification and kNN tasks (issue 5)."""

@@ -1,0 +1,1 @@
+"""PASCAL VOC detection tasks (issue 4)."""
