@@ -1,0 +1,76 @@
+"""ImageNet-style class folders ``ROOT/train/<class>/*.JPEG`` for pretraining (labels unused).
+
+Unreadable or truncated images are skipped (the next readable image stands in, so batches keep their
+size) and counted: each sample carries how many files it skipped, the loop sums and logs them.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from pretrain.data.augment import sample_rng
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
+LAYOUT = "ROOT/train/<class>/*.JPEG (ImageNet class folders)"
+
+
+def scan_class_folders(split_dir: Path) -> list[tuple[Path, int]]:
+    """Sorted ``(path, class_index)`` pairs under ``split_dir/<class>/``; one clear error if none."""
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {split_dir} (expected layout {LAYOUT})")
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {split_dir} (expected layout {LAYOUT})")
+    items = [(p, c) for c, name in enumerate(classes) for p in sorted((split_dir / name).iterdir())
+             if p.suffix.lower() in IMG_EXTENSIONS]
+    if not items:
+        raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) in the class folders of {split_dir} "
+                                f"(expected layout {LAYOUT})")
+    return items
+
+
+class ClassFolderPairs(Dataset):
+    """Two views per image. Indexed by ``(index, epoch)`` (from :class:`ResumableSampler`) so the views
+    are a pure function of (seed, epoch, index).
+
+    ``dataset[(i, epoch)] -> (im_q (3, S, S), im_k (3, S, S), skipped: int)``.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable, seed: int = 0, split: str = "train") -> None:
+        self.items = scan_class_folders(Path(root) / split)
+        self.transform, self.seed = transform, seed
+        self.known_bad: set[int] = set()  # per process (each worker keeps its own)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _open(self, i: int) -> Image.Image:
+        with Image.open(self.items[i][0]) as img:
+            return img.convert("RGB")  # forces a full decode, so truncated files fail here
+
+    def __getitem__(self, key: tuple[int, int] | int):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        skipped = 0  # files found unreadable by this call (each file counted once per process)
+        for j in range(len(self.items)):
+            i = (index + j) % len(self.items)
+            if i in self.known_bad:
+                continue
+            try:
+                img = self._open(i)
+                break
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                self.known_bad.add(i)
+                skipped += 1
+                log.warning("skipping unreadable image %s: %s", self.items[i][0], e)
+        else:
+            raise RuntimeError(f"no readable image at all under {self.items[0][0].parent.parent}")
+        with sample_rng(self.seed, epoch, index):
+            im_q, im_k = self.transform(img)
+        return im_q, im_k, torch.tensor(skipped)

@@ -1,0 +1,115 @@
+"""The training loop: ``train_one_epoch`` runs a given number of MoCo iterations and reports stats."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pretrain.utils import dist
+
+log = logging.getLogger(__name__)
+
+
+def contrastive_top1(logits: torch.Tensor) -> float:
+    """Fraction of queries whose positive (column 0) has the largest logit. logits: (N, 1 + K)."""
+    return float((logits.argmax(dim=1) == 0).float().mean())
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, im_q: torch.Tensor, im_k: torch.Tensor,
+               amp_bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on the InfoNCE loss (Eq. 1). im_q, im_k: (B, 3, H, W) on the model's device.
+
+    Returns the detached loss () and logits (B, 1 + K).
+    """
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp_bf16 and im_q.is_cuda
+                else contextlib.nullcontext())
+    with autocast:
+        logits, labels = model(im_q, im_k)
+        loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epoch: int,
+    num_iters: int,
+    start_iter: int,
+    global_step: int,
+    lr_fn: Callable[[int, int], float],
+    device: torch.device,
+    amp_bf16: bool = False,
+    channels_last: bool = False,
+    log_every: int = 10,
+    writer=None,
+    on_iter_end: Callable[[int, int, int], None] | None = None,
+) -> tuple[dict, int]:
+    """Run ``num_iters`` iterations (from ``start_iter`` within ``epoch``) over ``batches`` of
+    ``(im_q (B,3,H,W), im_k (B,3,H,W), skipped (B,))``.
+
+    ``lr_fn(epoch, global_step) -> lr`` is applied before every step. ``on_iter_end(epoch, iter_done, global_step)`` runs
+    after each step (mid-epoch checkpoints). Returns ``(stats, global_step)``; stats are averaged over ranks.
+    """
+    model.train()
+    use_cuda = device.type == "cuda"
+    sums = {"loss": 0.0, "acc1": 0.0}
+    skipped = 0
+    n = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=num_iters, desc=f"epoch {epoch}", disable=not dist.is_main(), leave=False, dynamic_ncols=True)
+    it = start_iter
+    loss_t = torch.zeros((), device=device)
+    for _, (im_q, im_k, skip) in zip(range(num_iters), batches):
+        lr = lr_fn(epoch, global_step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        fmt = torch.channels_last if channels_last and use_cuda else torch.contiguous_format
+        im_q = im_q.to(device, non_blocking=True, memory_format=fmt)
+        im_k = im_k.to(device, non_blocking=True, memory_format=fmt)
+        loss_t, logits = train_step(model, optimizer, im_q, im_k, amp_bf16)
+        # one host sync per step is cheap next to a ResNet step and keeps the numbers exact
+        sums["loss"] += float(loss_t)
+        sums["acc1"] += contrastive_top1(logits)
+        skipped += int(skip.sum())
+        n += 1
+        it += 1
+        global_step += 1
+        bar.update(1)
+        if n % log_every == 0 or n == num_iters:
+            elapsed = time.perf_counter() - t0
+            ips = n * im_q.shape[0] * dist.world_size() / max(elapsed, 1e-9)
+            bar.set_postfix(loss=f"{sums['loss'] / n:.3f}", acc1=f"{sums['acc1'] / n:.3f}", lr=f"{lr:.4g}")
+            log.info("epoch %d iter %d step %d: loss %.4f acc1 %.3f lr %.5g %.1f img/s", epoch, it, global_step,
+                     float(loss_t), contrastive_top1(logits), lr, ips)
+            if writer is not None:
+                writer.add_scalar("train/loss", float(loss_t), global_step)
+                writer.add_scalar("train/contrastive_top1", contrastive_top1(logits), global_step)
+                writer.add_scalar("train/lr", lr, global_step)
+                writer.add_scalar("train/images_per_s", ips, global_step)
+        if on_iter_end is not None:
+            on_iter_end(epoch, it, global_step)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    skipped_all = int(round(dist.all_reduce_mean(float(skipped)) * dist.world_size()))
+    if skipped_all:
+        log.warning("epoch %d: skipped %d unreadable image(s)", epoch, skipped_all)
+    stats = {
+        "loss": dist.all_reduce_mean(sums["loss"] / max(n, 1)),
+        "contrastive_top1": dist.all_reduce_mean(sums["acc1"] / max(n, 1)),
+        "lr": optimizer.param_groups[0]["lr"],
+        "iterations": n,
+        "skipped_images": skipped_all,
+        "images_per_s": n * dist.world_size() * (im_q.shape[0] if n else 0) / max(elapsed, 1e-9),
+    }
+    return stats, global_step

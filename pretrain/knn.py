@@ -1,0 +1,225 @@
+"""Weighted k-nearest-neighbour classification on frozen features: the pretraining monitor.
+
+Wu et al. 2018 ("Unsupervised Feature Learning via Non-Parametric Instance Discrimination", Sec. 3.4)
+classify a test image by its k most similar training images under cosine similarity, each voting
+for its class with weight ``exp(sim / T)``. MoCo's Appendix A.9 uses this monitor to show that shuffle
+BN matters. Everything here is chunked so that memory stays bounded for 1.28M training images; the
+transfer stage (``transfer/tasks/imagenet.py``) reuses these pieces on cached features.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+from tqdm import tqdm
+
+from pretrain.utils import dist
+
+log = logging.getLogger(__name__)
+
+# torchvision / MoCo normalisation on the 0-1 scale (the 0-255 values divided by 255)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ImageNet evaluation: Resize(256) + CenterCrop(224), i.e. resize to 8/7 of the crop size
+EVAL_RESIZE_RATIO = 256 / 224
+
+
+class DatasetLayoutError(ValueError):
+    """An image folder is missing or not split into one sub-folder per class."""
+
+
+def eval_transform(
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Callable:
+    """Resize(image_size * 256/224) + CenterCrop(image_size) + normalise (mean/std on the 0-1 scale)."""
+    return transforms.Compose([
+        transforms.Resize(int(round(image_size * EVAL_RESIZE_RATIO))),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def class_folder_dataset(root: str | Path, transform: Optional[Callable] = None) -> datasets.ImageFolder:
+    """``torchvision.datasets.ImageFolder`` over ``root/<wnid>/*.JPEG`` with clear layout errors.
+
+    The ImageNet val tarball unpacks flat (50k JPEGs, no class folders); that layout is refused with
+    a message saying so rather than ImageFolder's generic "Couldn't find any class folder".
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"image folder not found: {root}")
+    subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in datasets.folder.IMG_EXTENSIONS]
+    if loose or not subdirs:
+        what = f"{len(loose)} images directly inside it" if loose else "no class sub-folders"
+        raise DatasetLayoutError(
+            f"{root} is not split into class folders ({what}); expected {root}/<wnid>/<image>.JPEG. "
+            "For ImageNet val, move the images into per-class folders (e.g. with the official "
+            "valprep.sh script) first."
+        )
+    try:
+        return datasets.ImageFolder(str(root), transform=transform)
+    except FileNotFoundError as e:
+        raise DatasetLayoutError(f"{root}: {e}") from None
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module, loader: DataLoader, device: torch.device, progress: bool = True
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` in eval mode over ``loader``.
+
+    Args:
+        model: maps images (B, 3, H, W) -> features (B, D) (e.g. a ResNet with ``fc = Identity``).
+        loader: yields ``(images (B, 3, H, W), labels (B,))``.
+    Returns:
+        feats (N, D) float32 on the CPU (not normalised) and labels (N,) int64.
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    feats: List[torch.Tensor] = []
+    labels: List[torch.Tensor] = []
+    try:
+        for images, target in tqdm(loader, desc="features", disable=not (progress and dist.is_main()), leave=False):
+            out = model(images.to(device, non_blocking=True))
+            feats.append(out.float().flatten(1).cpu())
+            labels.append(torch.as_tensor(target, dtype=torch.long))
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise ValueError("extract_features: the loader yielded no batches")
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_topk(
+    train_feats: torch.Tensor,
+    test_feats: torch.Tensor,
+    k: int,
+    chunk_size: int = 1024,
+    train_chunk_size: int = 65536,
+    device: Optional[torch.device] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most cosine-similar training features of every test feature.
+
+    Args:
+        train_feats: (N, D), L2-normalised; may stay on the CPU or be a float16 tensor (moved and cast
+            one chunk at a time).
+        test_feats: (M, D), L2-normalised.
+    Returns:
+        sims (M, k) sorted descending and their train indices (M, k) int64, on ``device``.
+    Memory is bounded by ``chunk_size x (train_chunk_size + k)`` similarities: the train bank is
+    streamed once (outer loop), and a running top-k per test row is merged with each chunk.
+    """
+    device = device or test_feats.device
+    n, m = train_feats.shape[0], test_feats.shape[0]
+    k = min(k, n)
+    test = test_feats.to(device)
+    best_sim = torch.full((m, k), float("-inf"), device=device)
+    best_idx = torch.zeros((m, k), dtype=torch.long, device=device)
+    for t0 in range(0, n, train_chunk_size):
+        # cached features may be stored as float16: compute similarities in the queries' dtype
+        bank = train_feats[t0:t0 + train_chunk_size].to(device, test.dtype, non_blocking=True)
+        for q0 in range(0, m, chunk_size):
+            sim = test[q0:q0 + chunk_size] @ bank.T  # (c, n_chunk) cosine similarities
+            kk = min(k, sim.shape[1])
+            s, i = sim.topk(kk, dim=1)
+            cand_s = torch.cat([best_sim[q0:q0 + chunk_size], s], dim=1)
+            cand_i = torch.cat([best_idx[q0:q0 + chunk_size], i + t0], dim=1)
+            top_s, pos = cand_s.topk(k, dim=1)
+            best_sim[q0:q0 + chunk_size] = top_s
+            best_idx[q0:q0 + chunk_size] = cand_i.gather(1, pos)
+    return best_sim, best_idx
+
+
+def knn_scores_from_topk(
+    sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, k: int, temperature: float
+) -> torch.Tensor:
+    """Class scores from the first ``k`` of sorted neighbours: ``sum_j exp(s_j / T) [y_j = c]`` (Wu et al. Eq. 9).
+
+    sims, neighbour_labels: (M, K >= k), sorted by descending similarity. Returns (M, num_classes).
+    """
+    w = (sims[:, :k] / temperature).exp()
+    scores = torch.zeros(sims.shape[0], num_classes, device=sims.device, dtype=w.dtype)
+    return scores.scatter_add_(1, neighbour_labels[:, :k], w)
+
+
+@torch.no_grad()
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+    train_chunk_size: int = 65536,
+) -> torch.Tensor:
+    """Weighted kNN class scores.
+
+    Args:
+        train_feats: (N, D) L2-normalised; train_labels: (N,) int64; test_feats: (M, D) L2-normalised.
+    Returns:
+        scores (M, num_classes) on ``test_feats.device``; ``scores.argmax(1)`` is the prediction.
+    """
+    sims, idx = knn_topk(train_feats, test_feats, k, chunk_size, train_chunk_size)
+    neighbour_labels = train_labels.to(idx.device)[idx]
+    return knn_scores_from_topk(sims, neighbour_labels, num_classes, sims.shape[1], temperature)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> List[float]:
+    """Percent of rows whose label is among the ``k`` highest scores, for each k (capped at C).
+
+    scores: (M, C); labels: (M,).
+    """
+    labels = labels.to(scores.device)
+    maxk = min(max(ks), scores.shape[1])
+    pred = scores.topk(maxk, dim=1).indices  # (M, maxk)
+    hit = pred.eq(labels[:, None])
+    return [100.0 * hit[:, : min(k, maxk)].any(dim=1).double().mean().item() for k in ks]
+
+
+def _loader(root: Path, image_size: int, batch_size: int, workers: int, mean, std) -> DataLoader:
+    ds = class_folder_dataset(root, eval_transform(image_size, mean, std))
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=False)
+
+
+def knn_eval(
+    model: nn.Module,
+    train_root: Path,
+    val_root: Path,
+    device: torch.device,
+    image_size: int,
+    k: int = 200,
+    temperature: float = 0.07,
+    batch_size: int = 256,
+    workers: int = 0,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> dict:
+    """kNN top-1/top-5 (percent) of ``model``'s features: train folder as memory bank, val folder as queries.
+
+    ``model`` maps images (N, 3, H, W) -> features (N, D); pass the bare backbone (not a DDP wrapper:
+    DDP's forward broadcasts buffers and would hang if only rank 0 runs the monitor). Both folders
+    are ``<root>/<wnid>/*.JPEG``, read with the eval transform Resize + CenterCrop(image_size).
+    """
+    train_loader = _loader(Path(train_root), image_size, batch_size, workers, mean, std)
+    val_loader = _loader(Path(val_root), image_size, batch_size, workers, mean, std)
+    if train_loader.dataset.classes != val_loader.dataset.classes:  # type: ignore[attr-defined]
+        raise DatasetLayoutError(f"{train_root} and {val_root} have different class folders")
+    train_feats, train_labels = extract_features(model, train_loader, device)
+    val_feats, val_labels = extract_features(model, val_loader, device)
+    train_feats = F.normalize(train_feats, dim=1)
+    val_feats = F.normalize(val_feats.to(device), dim=1)
+    num_classes = len(train_loader.dataset.classes)  # type: ignore[attr-defined]
+    scores = knn_predict(train_feats, train_labels, val_feats, num_classes, k, temperature)
+    top1, top5 = topk_accuracy(scores, val_labels, (1, 5))
+    return {"knn_top1": top1, "knn_top5": top5}

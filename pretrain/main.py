@@ -1,0 +1,166 @@
+"""``main(cfg)``: wire device, process group, model, data, optimizer, resume and the loop together."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from pretrain import checkpoint as ckpt_io
+from pretrain.config import PretrainConfig, check_run, effective_lr, effective_summary, per_process_batch
+from pretrain.data.loader import build_pretrain_loader
+from pretrain.engine import train_one_epoch
+from pretrain.moco import PooledBackbone, build_moco
+from pretrain.schedule import lr_at
+from pretrain.utils import dist
+from pretrain.utils.config import config_to_dict, config_to_yaml
+from pretrain.utils.env import collect_env
+from pretrain.utils.io import atomic_write_json, atomic_write_text
+from pretrain.utils.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _maybe_knn(cfg: PretrainConfig, moco, device: torch.device, epoch: int) -> dict | None:
+    """kNN monitor on rank 0 with the query backbone (pooled features); guarded if pretrain/knn.py is absent."""
+    m = cfg.monitor
+    if m.knn_every <= 0 or epoch % m.knn_every:
+        return None
+    result = None
+    if dist.is_main():
+        if importlib.util.find_spec("pretrain.knn") is None:
+            log.warning("monitor.knn_every=%d but pretrain/knn.py is not available: kNN monitor skipped", m.knn_every)
+        else:
+            from pretrain.knn import knn_eval
+
+            backbone = PooledBackbone(moco.encoder_q)
+            result = knn_eval(backbone, Path(m.knn_train), Path(m.knn_val), device, cfg.data.image_size,
+                              k=m.k, temperature=m.t, batch_size=m.batch_size, workers=min(cfg.data.workers, 4))
+            log.info("epoch %d kNN: %s", epoch, result)
+        moco.train()
+    dist.barrier()
+    return result
+
+
+def main(cfg: PretrainConfig) -> dict:
+    """Run (or resume) one pretraining; returns a summary with the last epoch's stats and checkpoint path."""
+    device = dist.select_device(cfg.run.device)
+    dist.init_distributed(device)
+    out = Path(cfg.run.output_dir)
+    setup_logging(out / "log.txt")
+    ws = dist.world_size()
+    check_run(cfg, ws)
+    _seed_everything(cfg.run.seed + dist.rank())
+    on_gpu = device.type == "cuda"
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
+        atomic_write_json(out / "env.json", collect_env(device))
+
+    moco = build_moco(cfg, ws).to(device)
+    if cfg.run.channels_last and on_gpu:
+        moco = moco.to(memory_format=torch.channels_last)
+    # SyncBN is deliberately not used: shuffle BN is the point (App. A.9).
+    model = DistributedDataParallel(moco, device_ids=[device.index] if on_gpu else None) if ws > 1 else moco
+    # all parameters, as the official code, so its optimizer state dicts load; f_k has no grads so SGD skips it
+    optimizer = torch.optim.SGD(moco.parameters(), lr=effective_lr(cfg), momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    local_batch = per_process_batch(cfg, ws)
+    loader, sampler, dataset = build_pretrain_loader(cfg, local_batch)
+    iters_per_epoch = sampler.iters_per_epoch if sampler is not None else None
+    iteration_based = cfg.optim.iterations > 0
+    total_steps = cfg.optim.iterations if iteration_based else iters_per_epoch * cfg.optim.epochs
+    # iteration-based runs are cut into chunks ("epochs") between periodic checkpoints
+    chunk = iters_per_epoch or (cfg.run.save_every_iters or total_steps)
+    num_epochs = -(-total_steps // chunk)
+
+    start = ckpt_io.ResumePoint(0, 0, 0, False)
+    resume = cfg.run.resume
+    if resume == "auto":
+        found = ckpt_io.find_last_checkpoint(out)
+        resume = str(found) if found else ""
+        if not found:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", out)
+    if resume:
+        start = ckpt_io.load_checkpoint(resume, moco, optimizer, cfg.model.arch, iters_per_epoch)
+        log.info("resumed from %s at epoch %d iter %d (step %d)%s", resume, start.epoch, start.start_iter,
+                 start.global_step, " [official checkpoint]" if start.official else "")
+    if sampler is None:
+        dataset.set_position(start.global_step)  # shard streams: reseed from the step (see data/shards.py)
+
+    eff = effective_summary(cfg, ws, iters_per_epoch, str(device))
+    log.info("effective: %s", eff)
+    if dist.is_main():
+        atomic_write_json(out / "effective.json", eff)
+    writer = None
+    if cfg.run.tensorboard and dist.is_main():
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+
+    o = cfg.optim
+    base = effective_lr(cfg)
+
+    def lr_fn(epoch: int, step: int) -> float:
+        return lr_at(o.schedule, base, epoch=epoch, epochs=o.epochs, iteration=step,
+                     iterations=o.iterations, steps=o.steps, exp_every=o.exp_every, exp_gamma=o.exp_gamma)
+
+    config_dict = config_to_dict(cfg)
+    state = {"step": start.global_step}
+
+    def save(name: str, epoch: int, start_iter: int) -> None:
+        if dist.is_main():
+            ckpt_io.save_checkpoint(out / name, model=moco, optimizer=optimizer, epoch=epoch, arch=cfg.model.arch,
+                                    config=config_dict, global_step=state["step"],
+                                    sampler={"epoch": epoch, "start_iter": start_iter})
+        dist.barrier()
+
+    def epoch_len(epoch: int) -> int:
+        return min(chunk, total_steps - epoch * chunk)
+
+    def on_iter_end(epoch: int, it: int, step: int) -> None:
+        state["step"] = step
+        every = cfg.run.save_every_iters
+        if every > 0 and step % every == 0 and it < epoch_len(epoch):  # the epoch end saves anyway
+            save(ckpt_io.LAST, epoch, it)
+
+    shard_iter = iter(loader) if sampler is None else None
+    stats: dict = {}
+    for epoch in range(start.epoch, num_epochs):
+        start_iter = start.start_iter if epoch == start.epoch else 0
+        n_iters = epoch_len(epoch) - start_iter
+        if sampler is not None:
+            sampler.set_epoch(epoch, start_iter)
+        batches = loader if sampler is not None else shard_iter
+        stats, state["step"] = train_one_epoch(
+            model, batches, optimizer, epoch=epoch, num_iters=n_iters, start_iter=start_iter,
+            global_step=state["step"], lr_fn=lr_fn, device=device, amp_bf16=cfg.run.amp_bf16 and on_gpu,
+            channels_last=cfg.run.channels_last and on_gpu, log_every=cfg.run.log_every, writer=writer,
+            on_iter_end=on_iter_end,
+        )
+        log.info("epoch %d done: %s", epoch, stats)
+        save(ckpt_io.LAST, epoch + 1, 0)
+        if (epoch + 1) % cfg.run.save_every_epochs == 0 or epoch + 1 == num_epochs:
+            save(f"checkpoint_{epoch + 1:04d}.pth", epoch + 1, 0)
+        knn = _maybe_knn(cfg, moco, device, epoch + 1)
+        if knn:
+            stats.update(knn)
+            if writer is not None:
+                for k, v in knn.items():
+                    writer.add_scalar(f"monitor/{k}", v, state["step"])
+        if dist.is_main():
+            atomic_write_json(out / "last_stats.json", {"epoch": epoch + 1, "global_step": state["step"], **stats})
+    if writer is not None:
+        writer.close()
+    return {"stats": stats, "global_step": state["step"], "checkpoint": str(out / ckpt_io.LAST),
+            "output_dir": str(out)}

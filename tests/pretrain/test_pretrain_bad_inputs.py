@@ -1,0 +1,104 @@
+"""Bad input gives one clear message and damages nothing: folders, images, config keys, K, checkpoints."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import SMOKE, tiny_config
+from pretrain import checkpoint as ckpt_io
+from pretrain.config import check_run, load_pretrain_config
+from pretrain.data.augment import TwoCropsTransform, build_augmentation
+from pretrain.data.folder import ClassFolderPairs
+from pretrain.main import main
+from pretrain.moco import build_moco
+from pretrain.utils.config import ConfigError
+from pretrain.utils.io import CheckpointError
+
+AUG = TwoCropsTransform(build_augmentation("v2", 32))
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"not found: .*nope/train .*ROOT/train/<class>/\*\.JPEG"):
+        ClassFolderPairs(tmp_path / "nope", AUG)
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no class folders"):
+        ClassFolderPairs(tmp_path / "empty", AUG)
+    (tmp_path / "empty" / "train" / "n0").mkdir()
+    (tmp_path / "empty" / "train" / "n0" / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        ClassFolderPairs(tmp_path / "empty", AUG)
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_folders):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_folders, root)
+    first = sorted((root / "train" / "n00000000").iterdir())
+    first[0].write_bytes(first[0].read_bytes()[:200])  # truncated JPEG
+    first[1].write_bytes(b"not an image at all")
+    ds = ClassFolderPairs(root, AUG)
+    im_q, im_k, skipped = ds[(0, 0)]
+    assert int(skipped) == 2 and im_q.shape == (3, 32, 32)  # the next readable image stands in
+    assert int(ds[(1, 0)][2]) == 0  # known bad files are not counted twice
+    summary = main(tiny_config(root, tmp_path / "out", "optim.epochs=1", "model.arch=resnet18"))
+    assert summary["stats"]["skipped_images"] == 2  # each file once, logged as a warning by the loop
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="queue_sizee"):
+        load_pretrain_config(SMOKE, ["model.queue_sizee=3"])
+    with pytest.raises(ConfigError, match="data.aug='v3'"):
+        load_pretrain_config(SMOKE, ["data.aug=v3"])
+    cfg = load_pretrain_config(SMOKE, ["model.queue_size=100", "data.batch_size=32"])
+    with pytest.raises(ConfigError, match="queue_size=100 must be a multiple of the global batch"):
+        check_run(cfg, world_size=1)
+    from tools_cli import cli  # noqa: the entry point reports config errors as one line, exit code 2
+
+    assert cli(["--config", str(SMOKE), "optim.lrr=1"]) == 2
+
+
+def _saved(tmp_path, *overrides):
+    cfg = tiny_config(tmp_path, tmp_path, *overrides)
+    model = build_moco(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / f"ckpt_{len(overrides)}.pth"
+    ckpt_io.save_checkpoint(path, model=model, optimizer=opt, epoch=3, arch=cfg.model.arch, config={},
+                            global_step=12, sampler={"epoch": 3, "start_iter": 0})
+    return path, model
+
+
+def test_checkpoint_of_another_arch_or_layout(tmp_path):
+    path, _ = _saved(tmp_path)  # resnet18, v2 MLP head
+    other = build_moco(tiny_config(tmp_path, tmp_path, "model.arch=resnet34"))
+    with pytest.raises(CheckpointError, match="arch is 'resnet18' but model.arch is 'resnet34'"):
+        ckpt_io.load_checkpoint(path, other, None, "resnet34")
+    v1 = build_moco(tiny_config(tmp_path, tmp_path, "model.mlp=false"))
+    with pytest.raises(CheckpointError, match="check model.mlp"):
+        ckpt_io.load_checkpoint(path, v1, None, "resnet18")
+    big_queue = build_moco(tiny_config(tmp_path, tmp_path, "model.queue_size=64"))
+    with pytest.raises(CheckpointError, match="shapes differ"):
+        ckpt_io.load_checkpoint(path, big_queue, None, "resnet18")
+    v3 = tmp_path / "v3.pth"
+    torch.save({"epoch": 1, "state_dict": {"module.base_encoder.conv1.weight": torch.zeros(1)}}, v3)
+    with pytest.raises(CheckpointError, match="MoCo v3 layout"):
+        ckpt_io.load_checkpoint(v3, v1, None, "resnet18")
+    before = path.read_bytes()
+    (tmp_path / "trunc.pth").write_bytes(before[: len(before) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        ckpt_io.load_checkpoint(tmp_path / "trunc.pth", v1, None, "resnet18")
+    assert path.read_bytes() == before  # nothing already written is damaged
+
+
+def test_official_checkpoint_loads(tmp_path):
+    """A checkpoint with only the official keys (epoch/arch/state_dict/optimizer) resumes at its epoch."""
+    path, model = _saved(tmp_path)
+    full = torch.load(path, weights_only=True)
+    official = {k: full[k] for k in ("epoch", "arch", "state_dict", "optimizer")}
+    torch.save(official, tmp_path / "official.pth")
+    fresh = build_moco(tiny_config(tmp_path, tmp_path))
+    opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    point = ckpt_io.load_checkpoint(tmp_path / "official.pth", fresh, opt, "resnet18", iters_per_epoch=4)
+    assert (point.epoch, point.start_iter, point.global_step, point.official) == (3, 0, 12, True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)

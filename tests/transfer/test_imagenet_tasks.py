@@ -1,0 +1,128 @@
+"""The three ImageNet tasks through the registry: configs, layout errors, cache reuse, engine runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import resnet18
+
+from pretrain.data.synthetic import make_imagenet_folders
+from pretrain.knn import DatasetLayoutError
+from pretrain.utils.config import load_config
+from transfer import feature_cache
+from transfer.context import TrialContext
+from transfer.registry import get_task, load_builtin_tasks
+from transfer.tasks.imagenet import eval_tf
+from transfer.weights import BackboneWeights
+
+TASKS = ("imagenet_linear", "imagenet_linear_fast", "imagenet_knn")
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_registered_with_full_and_smoke_configs(name):
+    spec = get_task(name)
+    assert name in load_builtin_tasks() and spec.family == "classification" and "torchvision" in spec.engines
+    full = load_config(spec.schema, spec.config_path)
+    smoke = load_config(spec.schema, spec.config_path.parent / "smoke" / spec.config_file)
+    assert (full.data.root, full.data.image_size, full.data.resize_size) == ("imagenet", 224, 256)
+    assert smoke.data.image_size < full.data.image_size
+    eff = spec.effective(full, 8)
+    assert eff["world_size"] == 8 and "batch_size" in eff and "base_lr" in eff
+    assert "epochs" in eff or "iterations" in eff
+
+
+def test_linear_config_is_the_paper_protocol():
+    spec = get_task("imagenet_linear")
+    o = load_config(spec.schema, spec.config_path).optim
+    assert (o.batch_size, o.base_lr, o.momentum, o.weight_decay, o.epochs, list(o.lr_steps), o.lr_gamma) == (
+        256, 30.0, 0.9, 0.0, 100, [60, 80], 0.1)
+    # never rescaled by the GPU count: 8 GPUs run 32 images each, lr stays 30
+    assert spec.effective(load_config(spec.schema, spec.config_path), 8)["per_rank_batch_size"] == 32
+    knn = load_config(get_task("imagenet_knn").schema, get_task("imagenet_knn").config_path).knn
+    assert (knn.k, knn.temperature) == (200, 0.07)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_imagenet_folders(root / "imagenet", num_classes=3, train_per_class=8, val_per_class=4, image_size=32)
+    return root
+
+
+def _ctx(name, data_root, tmp_path, seed=0) -> TrialContext:
+    return TrialContext(task=name, trial=0, seed=seed, engine="torchvision", device=torch.device("cpu"),
+                        data_root=data_root, output_dir=tmp_path / "out" / name, cache_dir=tmp_path / "cache")
+
+
+def _cfg(name, *overrides):
+    spec = get_task(name)
+    return load_config(spec.schema, spec.config_path.parent / "smoke" / spec.config_file,
+                       ["data.image_size=28", "data.resize_size=32", *overrides])
+
+
+def _weights(seed=0, **kw) -> BackboneWeights:
+    torch.manual_seed(seed)
+    sd = {k: v for k, v in resnet18(weights=None).state_dict().items() if not k.startswith("fc.")}
+    return BackboneWeights(name=f"r18-{seed}", arch="resnet18", state_dict=sd, sha256=f"fake{seed}", **kw)
+
+
+def test_flat_val_folder_gives_a_clear_error(tmp_path):
+    make_imagenet_folders(tmp_path / "imagenet", num_classes=2, train_per_class=2, val_per_class=2, image_size=32)
+    for img in (tmp_path / "imagenet" / "val").rglob("*.JPEG"):  # the val tarball's flat layout
+        img.rename(tmp_path / "imagenet" / "val" / img.name)
+    for d in (tmp_path / "imagenet" / "val").iterdir():
+        if d.is_dir():
+            d.rmdir()
+    for name in TASKS:
+        with pytest.raises(DatasetLayoutError, match="not split into class folders"):
+            get_task(name).engines["torchvision"](_cfg(name), _weights(), _ctx(name, tmp_path, tmp_path))
+
+
+def test_knn_and_fast_probe_share_one_extraction(data_root, tmp_path, monkeypatch):
+    calls = []
+    real = feature_cache.extract_shard
+    monkeypatch.setattr(feature_cache, "extract_shard", lambda *a: calls.append(1) or real(*a))
+    knn = get_task("imagenet_knn").engines["torchvision"]
+    fast = get_task("imagenet_linear_fast").engines["torchvision"]
+    m1 = knn(_cfg("imagenet_knn", "knn.k=5", "knn.ks=[1,5]", "knn.temperatures=[0.07,0.5]"), _weights(),
+             _ctx("imagenet_knn", data_root, tmp_path))
+    assert len(calls) == 2  # train + val, one shard each
+    assert {"top1", "top5", "top1_k1_t0.07", "top1_k5_t0.5"} <= set(m1) and m1["top1"] == m1["top1_k5_t0.07"]
+    m2 = fast(_cfg("imagenet_linear_fast"), _weights(), _ctx("imagenet_linear_fast", data_root, tmp_path))
+    assert len(calls) == 2  # same weights and preprocessing: the cache answers
+    assert 0 <= m2["top1"] <= 100 and m2["top5"] == 100.0  # 3 classes
+    knn(_cfg("imagenet_knn"), _weights(seed=1), _ctx("imagenet_knn", data_root, tmp_path))
+    assert len(calls) == 4  # other weights: new features
+    knn(_cfg("imagenet_knn", "data.image_size=24"), _weights(seed=1), _ctx("imagenet_knn", data_root, tmp_path))
+    assert len(calls) == 6  # other preprocessing: new features
+    fast(_cfg("imagenet_linear_fast", "features.augmented_views=1"), _weights(),
+         _ctx("imagenet_linear_fast", data_root, tmp_path))
+    assert len(calls) == 7  # only the new augmented view of train is extracted
+
+
+def test_linear_engine_runs_resumes_and_keeps_backbone(data_root, tmp_path):
+    run = get_task("imagenet_linear").engines["torchvision"]
+    ctx = _ctx("imagenet_linear", data_root, tmp_path)
+    m = run(_cfg("imagenet_linear", "optim.epochs=1", "optim.batch_size=8"), _weights(), ctx)
+    assert set(m) == {"top1", "top5"} and (ctx.output_dir / "linear_checkpoint.pth").is_file()
+    assert (ctx.output_dir / "history.json").is_file()
+    # same run again: resumes after the last epoch and gives the same numbers
+    assert run(_cfg("imagenet_linear", "optim.epochs=1", "optim.batch_size=8"), _weights(), ctx) == m
+
+
+def test_input_format_and_layout_checks():
+    data = _cfg("imagenet_knn").data
+    img = make_rgb_image()
+    rgb = eval_tf(data, _weights())(img)
+    bgr = eval_tf(data, _weights(input_format="BGR", pixel_mean=[103.53, 116.28, 123.675],
+                                 pixel_std=[57.375, 57.12, 58.395]))(img)
+    torch.testing.assert_close(bgr, rgb.flip(0))
+    with pytest.raises(ValueError, match="stride_in_1x1"):
+        eval_tf(data, _weights(stride_in_1x1=True))
+
+
+def make_rgb_image():
+    from PIL import Image
+
+    return Image.new("RGB", (40, 36), (200, 30, 90))

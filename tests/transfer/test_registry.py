@@ -1,0 +1,48 @@
+"""Every registered task is complete: full and smoke configs load, an engine, a data generator."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from pretrain.utils.config import load_config
+from transfer.registry import CONFIG_DIR, TASKS, TaskSpec, load_builtin_tasks, register_engine, register_task
+
+load_builtin_tasks()
+EFFECTIVE_KEYS = {"batch_size", "base_lr", "world_size"}
+
+
+def test_builtin_tasks_present():
+    assert {"voc0712_det", "voc07_det", "imagenet_linear", "imagenet_linear_fast", "imagenet_knn"} <= set(TASKS)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_is_complete(name):
+    spec = TASKS[name]
+    assert "torchvision" in spec.engines, "the built-in engine must exist for every task"
+    assert spec.make_synthetic is not None and spec.effective is not None
+    full = load_config(spec.schema, spec.config_path)
+    smoke = load_config(spec.schema, CONFIG_DIR / "smoke" / spec.config_file)
+    assert full != smoke, "the smoke preset must shrink the full schedule through config"
+    eff = spec.effective(full, 8)
+    assert EFFECTIVE_KEYS <= set(eff) and ({"iterations", "epochs"} & set(eff))
+    assert eff["world_size"] == 8
+
+
+def test_duplicate_names_and_engines_raise():
+    @dataclass(frozen=True)
+    class _Cfg:
+        x: int = 0
+
+    spec = TaskSpec(name="_dup_test", family="test", schema=_Cfg, config_file="none.yaml")
+    try:
+        register_task(spec)
+        with pytest.raises(ValueError, match="already registered"):
+            register_task(spec)
+        register_engine("_dup_test", "torchvision")(lambda cfg, w, ctx: {})
+        with pytest.raises(ValueError, match="already has"):
+            register_engine("_dup_test", "torchvision")(lambda cfg, w, ctx: {})
+        with pytest.raises(ValueError, match="unknown engine"):
+            register_engine("_dup_test", "mmdet")
+    finally:
+        TASKS.pop("_dup_test", None)

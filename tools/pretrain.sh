@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Launch MoCo pretraining with torchrun (env://): one node or many, GPUs (NCCL) or CPU processes (gloo).
+#
+#   tools/pretrain.sh [--gpus-per-node N | --nproc N] [--nodes N] [--node-rank R] [--master-addr A] \
+#                     [--master-port P] --config configs/pretrain/moco_v2.yaml [--resume auto] [key=value ...]
+#
+# --nproc is --gpus-per-node under another name, for CPU runs (e.g. --nproc 2 run.device=cpu).
+# Everything that is not a launcher flag goes to tools/train_moco.py unchanged.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python}"
+
+nproc=""; nodes=1; node_rank=0; master_addr=127.0.0.1; master_port=29500
+args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --gpus-per-node|--nproc) nproc="$2"; shift 2 ;;
+    --nodes) nodes="$2"; shift 2 ;;
+    --node-rank) node_rank="$2"; shift 2 ;;
+    --master-addr) master_addr="$2"; shift 2 ;;
+    --master-port) master_port="$2"; shift 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+if [[ -z "$nproc" ]]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then nproc="$(nvidia-smi -L | wc -l)"; else nproc=1; fi
+  [[ "$nproc" -ge 1 ]] || nproc=1
+fi
+
+exec "$PYTHON" -m torch.distributed.run \
+  --nnodes="$nodes" --node-rank="$node_rank" --nproc-per-node="$nproc" \
+  --master-addr="$master_addr" --master-port="$master_port" \
+  "$HERE/train_moco.py" "${args[@]}"

@@ -1,0 +1,178 @@
+"""Reading checkpoints safely and writing converted weights with their manifest.
+
+Checkpoints come from others and are untrusted: torch files load with ``weights_only=True`` and pickles
+(Detectron2's ``.pkl``) with an unpickler that builds only plain containers, numbers, strings and numpy
+arrays, so a pickle whose ``__reduce__`` runs code is refused before anything runs.
+
+The manifest beside every output (``<output>.manifest.json``) records where the weights came from and the
+input settings they need, so the transfer stage reads RGB / mean / std / STRIDE_IN_1X1 instead of trusting
+the user to remember them (MoCo's detection configs carry them as the "_moco" overlay).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from pretrain.utils.io import CheckpointError, atomic_path, safe_torch_load, sha256_file
+from transfer.conversion import (TORCHVISION_PIXEL_MEAN, TORCHVISION_PIXEL_STD, extract_backbone, infer_arch,
+                                 to_detectron2, to_torchvision, verify_backbone)
+
+AUTHOR = "moco-transfer-suite"
+FORMATS = ("detectron2", "torchvision")
+WEIGHT_SUFFIXES = (".pkl", ".pickle", ".pth", ".pt", ".tar", ".ckpt", ".bin")
+
+# Globals a weights pickle may name: numpy's array / scalar / dtype rebuilders (both the numpy<2
+# ``numpy.core`` and numpy>=2 ``numpy._core`` spellings) and OrderedDict. Nothing that can call out.
+_ALLOWED_GLOBALS = {
+    (mod, name)
+    for core in ("numpy.core", "numpy._core")
+    for mod, name in ((f"{core}.multiarray", "_reconstruct"), (f"{core}.multiarray", "scalar"),
+                      (f"{core}.numeric", "_frombuffer"))
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that refuses every global outside ``_ALLOWED_GLOBALS`` (no ``os.system``, no classes)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: weights pickles may hold only dicts, lists, tuples, "
+                "strings, numbers and numpy arrays")
+        return super().find_class(module, name)
+
+
+def load_pickle(path: str | os.PathLike) -> Any:
+    """Read a ``.pkl`` weights file with :class:`RestrictedUnpickler`; one clear CheckpointError per failure."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        with open(path, "rb") as f:
+            # latin1: Detectron/caffe2-era pickles were written by Python 2 (Detectron2 reads them this way too)
+            return RestrictedUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        if "refusing" in str(e):
+            raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(f"{path}: not a readable pickle (truncated or corrupt?): {e}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a readable pickle (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from None
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> Any:
+    """Any supported input file: a torch file (zip or legacy, ``weights_only=True``) or a ``.pkl`` pickle."""
+    path = Path(path)
+    _check_exists(path)
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's default container since torch 1.6
+    if not is_zip and path.suffix in (".pkl", ".pickle"):
+        return load_pickle(path)
+    return safe_torch_load(path)
+
+
+def weights_stem(path: str | os.PathLike) -> str:
+    """File name without weight suffixes: ``checkpoint_0199.pth.tar`` -> ``checkpoint_0199``."""
+    name = Path(path).name
+    while Path(name).suffix in WEIGHT_SUFFIXES and Path(name).stem:
+        name = Path(name).stem
+    return name
+
+
+def manifest_path(weights_path: str | os.PathLike) -> Path:
+    """``out.pkl`` -> ``out.pkl.manifest.json`` (kept per file so a .pkl and a .pth may share a stem)."""
+    p = Path(weights_path)
+    return p.with_name(p.name + ".manifest.json")
+
+
+def read_manifest(weights_path: str | os.PathLike) -> Optional[Dict[str, Any]]:
+    """The manifest beside a converter output, or None when there is none."""
+    mp = manifest_path(weights_path)
+    if not mp.is_file():
+        return None
+    try:
+        return json.loads(mp.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mp}: unreadable manifest: {e}") from None
+
+
+def input_settings() -> Dict[str, Any]:
+    """Input settings of every output of this converter: torchvision's (RGB, ImageNet mean/std, stride in 3x3)."""
+    return {"input_format": "RGB", "pixel_mean": list(TORCHVISION_PIXEL_MEAN),
+            "pixel_std": list(TORCHVISION_PIXEL_STD), "stride_in_1x1": False}
+
+
+def detectron2_overlay(arch: str) -> Dict[str, Any]:
+    """The Detectron2 config keys these weights need (MoCo's ``*_moco.yaml`` overlay, plus the depth)."""
+    s = input_settings()
+    overlay = {"INPUT.FORMAT": s["input_format"], "MODEL.PIXEL_MEAN": s["pixel_mean"],
+               "MODEL.PIXEL_STD": s["pixel_std"], "MODEL.RESNETS.STRIDE_IN_1X1": s["stride_in_1x1"],
+               "MODEL.RESNETS.DEPTH": int(arch.replace("resnet", ""))}
+    if arch in ("resnet18", "resnet34"):  # Detectron2 builds BasicBlocks only with 64-channel res2
+        overlay["MODEL.RESNETS.RES2_OUT_CHANNELS"] = 64
+    return overlay
+
+
+def convert_file(input_path: str | os.PathLike, output_path: str | os.PathLike, fmt: Optional[str] = None,
+                 encoder: str = "query", arch: Optional[str] = None) -> Dict[str, Any]:
+    """Convert one checkpoint file; write the weights and their manifest atomically; return the manifest.
+
+    fmt: ``detectron2`` (a ``.pkl`` of ``{"model": {d2 name: ndarray}, "__author__", "matching_heuristics"}``,
+    what Detectron2's checkpointer reads) or ``torchvision`` (a state dict without ``fc``); by default
+    taken from the output suffix. Raises ConversionError / CheckpointError and writes nothing on failure.
+    """
+    input_path, output_path = Path(input_path), Path(output_path)
+    is_pkl = output_path.suffix in (".pkl", ".pickle")
+    fmt = fmt or ("detectron2" if is_pkl else "torchvision")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if (fmt == "detectron2") != is_pkl:  # Detectron2's checkpointer reads a file as a pickle iff it ends in .pkl
+        raise ValueError(f"output {output_path.name}: use a .pkl name for detectron2 format and .pth for torchvision")
+    checkpoint = load_checkpoint_file(input_path)
+    backbone, info = extract_backbone(checkpoint, encoder=encoder)
+    arch = arch or infer_arch(backbone)
+    verify_backbone(backbone, arch)
+    manifest = {
+        "name": weights_stem(output_path), "format": fmt, "arch": arch, "num_tensors": len(backbone),
+        "input": str(input_path), "input_sha256": sha256_file(input_path), "layout": info["layout"],
+        "encoder": encoder, "prefix": info["prefix"], "nested_under": info["nested_under"],
+        "dropped": info["dropped"], **input_settings(), "detectron2_overlay": detectron2_overlay(arch),
+        "note": ("torchvision-style inputs only: RGB, ImageNet mean/std on the 0-255 scale, stride in the 3x3 "
+                 "conv (STRIDE_IN_1X1 False). The MSRA caffe2 R-50 convention (BGR, std 1, stride in the 1x1 "
+                 "conv) is the opposite and is never produced here."),
+        "converter": AUTHOR, "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+    # Both files go to temporary names and are renamed only once both are complete.
+    with atomic_path(output_path) as tmp_weights, atomic_path(manifest_path(output_path)) as tmp_manifest:
+        if fmt == "detectron2":
+            obj = {"model": to_detectron2(backbone), "__author__": AUTHOR, "matching_heuristics": True}
+            with open(tmp_weights, "wb") as f:
+                pickle.dump(obj, f, protocol=4)
+        else:
+            torch.save(to_torchvision(backbone), tmp_weights)
+        manifest["output_sha256"] = sha256_file(tmp_weights)
+        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def format_report(manifest: Dict[str, Any], output_path: str | os.PathLike) -> str:
+    """Human summary of one conversion: what was converted, what was dropped (count per key group)."""
+    lines = [f"converted {manifest['num_tensors']} tensors of {manifest['arch']} "
+             f"({manifest['layout']}, {manifest['encoder']} encoder) -> {output_path} [{manifest['format']}]"]
+    dropped = manifest["dropped"]
+    lines.append(f"dropped {sum(dropped.values())} entries:" if dropped else "dropped nothing")
+    lines += [f"  {group}: {n}" for group, n in dropped.items()]
+    lines.append(f"manifest: {manifest_path(output_path)}")
+    return "\n".join(lines)

@@ -1,0 +1,285 @@
+"""Backbone conversion as pure functions: find the ResNet in a checkpoint, check it, rename it.
+
+No file I/O and no printing here (``transfer/checkpoint_files.py`` and ``tools/convert_to_d2.py`` do that),
+so the runner can convert a raw pretraining checkpoint on the fly with exactly the code the CLI uses.
+
+Names follow torchvision's ResNet (``conv1``, ``bn1``, ``layer1.0.conv1`` ...). Detectron2 names
+(``detectron2/modeling/backbone/resnet.py``: ``BasicStem.conv1`` with its ``norm``; stages ``res2..res5``;
+``BottleneckBlock``/``BasicBlock`` with ``conv{k}`` + ``conv{k}.norm`` and ``shortcut`` + ``shortcut.norm``)
+are produced by parsing whole dotted components, never by ``str.replace`` in the middle of a key (MoCo's
+converter rewrites ``fc`` into ``stem.fc`` that way).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+# torchvision / MoCo convention: RGB, ImageNet mean and std on the 0-255 scale, stride in the 3x3 conv.
+TORCHVISION_PIXEL_MEAN = [123.675, 116.280, 103.530]
+TORCHVISION_PIXEL_STD = [58.395, 57.120, 57.375]
+
+BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
+# (block type, blocks per stage) of torchvision's ResNets (He et al. 2016, Table 1)
+ARCHS: Dict[str, Tuple[str, Tuple[int, int, int, int]]] = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnet152": ("bottleneck", (3, 8, 36, 3)),
+}
+
+
+class ConversionError(ValueError):
+    """The checkpoint holds no usable ResNet backbone, or not the one asked for."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    query: str  # prefix of the query (base) encoder
+    key: Optional[str]  # prefix of the momentum encoder; None when the file holds one network
+    naming: str = "torchvision"  # or "detectron2"
+
+
+# Checked in full: a layout matches when some key under one of its prefixes is a backbone name.
+LAYOUTS = (
+    Layout("moco_v1v2", "module.encoder_q.", "module.encoder_k."),  # official MoCo v1/v2 and this project
+    Layout("moco_v1v2_nodp", "encoder_q.", "encoder_k."),  # the same model saved without the DDP wrapper
+    Layout("moco_v3", "module.base_encoder.", "module.momentum_encoder."),
+    Layout("moco_v3_nodp", "base_encoder.", "momentum_encoder."),
+    Layout("module_prefixed", "module.", None),
+    Layout("backbone_prefixed", "backbone.", None),
+    Layout("module_backbone_prefixed", "module.backbone.", None),
+    Layout("torchvision", "", None),
+    Layout("detectron2", "", None, naming="detectron2"),  # a converter output read back
+)
+
+
+def tv_to_d2_name(name: str) -> Optional[str]:
+    """Detectron2 name of a torchvision ResNet backbone tensor, or None if ``name`` is not one.
+
+    ``conv1``->``stem.conv1``, ``bn1``->``stem.conv1.norm``, ``layer{i}.{b}``->``res{i+1}.{b}``,
+    ``bn{k}``->``conv{k}.norm``, ``downsample.0``->``shortcut``, ``downsample.1``->``shortcut.norm``.
+    ``fc.*``, heads and ``num_batches_tracked`` give None.
+    """
+    p = name.split(".")
+    if p == ["conv1", "weight"]:
+        return "stem.conv1.weight"
+    if len(p) == 2 and p[0] == "bn1" and p[1] in BN_PARAMS:
+        return "stem.conv1.norm." + p[1]
+    if len(p) < 4 or p[0] not in ("layer1", "layer2", "layer3", "layer4") or not p[1].isdigit():
+        return None
+    stage, rest = f"res{int(p[0][5]) + 1}.{p[1]}", p[2:]
+    if len(rest) == 2 and rest[0] in ("conv1", "conv2", "conv3") and rest[1] == "weight":
+        return f"{stage}.{rest[0]}.weight"
+    if len(rest) == 2 and rest[0] in ("bn1", "bn2", "bn3") and rest[1] in BN_PARAMS:
+        return f"{stage}.conv{rest[0][2]}.norm.{rest[1]}"
+    if rest == ["downsample", "0", "weight"]:
+        return f"{stage}.shortcut.weight"
+    if len(rest) == 3 and rest[:2] == ["downsample", "1"] and rest[2] in BN_PARAMS:
+        return f"{stage}.shortcut.norm.{rest[2]}"
+    return None
+
+
+def d2_to_tv_name(name: str) -> Optional[str]:
+    """Inverse of :func:`tv_to_d2_name`; None for anything else (e.g. MoCo's stray ``stem.fc.*``)."""
+    p = name.split(".")
+    if p == ["stem", "conv1", "weight"]:
+        return "conv1.weight"
+    if len(p) == 4 and p[:3] == ["stem", "conv1", "norm"] and p[3] in BN_PARAMS:
+        return "bn1." + p[3]
+    if len(p) < 4 or p[0] not in ("res2", "res3", "res4", "res5") or not p[1].isdigit():
+        return None
+    stage, rest = f"layer{int(p[0][3]) - 1}.{p[1]}", p[2:]
+    conv = rest[0] in ("conv1", "conv2", "conv3")
+    if len(rest) == 2 and conv and rest[1] == "weight":
+        return f"{stage}.{rest[0]}.weight"
+    if len(rest) == 3 and conv and rest[1] == "norm" and rest[2] in BN_PARAMS:
+        return f"{stage}.bn{rest[0][4]}.{rest[2]}"
+    if rest == ["shortcut", "weight"]:
+        return f"{stage}.downsample.0.weight"
+    if len(rest) == 3 and rest[:2] == ["shortcut", "norm"] and rest[2] in BN_PARAMS:
+        return f"{stage}.downsample.1.{rest[2]}"
+    return None
+
+
+def _to_tv(name: str, naming: str) -> Optional[str]:
+    if naming == "detectron2":
+        return d2_to_tv_name(name)
+    return name if tv_to_d2_name(name) is not None else None
+
+
+def unwrap_state_dict(checkpoint: Any) -> Tuple[Mapping[str, Any], Optional[str]]:
+    """The flat state dict inside a checkpoint, and the key it was nested under (``state_dict``/``model``)."""
+    if not isinstance(checkpoint, Mapping):
+        raise ConversionError(f"expected a dict of tensors, got {type(checkpoint).__name__}")
+    nested = []
+    sd: Mapping[str, Any] = checkpoint
+    for _ in range(2):  # e.g. {"state_dict": {...}} or {"model": {...}, "__author__": ...}
+        inner = next((k for k in ("state_dict", "model") if isinstance(sd.get(k), Mapping)), None)
+        if inner is None:
+            break
+        nested.append(inner)
+        sd = sd[inner]
+    if not any(_is_array(v) for v in sd.values()):
+        where = ".".join(nested) or "the top level"
+        raise ConversionError(f"empty model: no tensors under {where} (top-level keys: {sorted(map(str, checkpoint))})")
+    return sd, ".".join(nested) or None
+
+
+def _is_array(v: Any) -> bool:
+    return isinstance(v, (torch.Tensor, np.ndarray))
+
+
+def _matches(sd: Mapping[str, Any], prefix: Optional[str], naming: str) -> bool:
+    return prefix is not None and any(
+        k.startswith(prefix) and _to_tv(k[len(prefix):], naming) is not None for k in sd)
+
+
+def _prefix_summary(sd: Mapping[str, Any], limit: int = 20) -> str:
+    counts = sorted(Counter(".".join(str(k).split(".")[:2]) for k in sd).items())
+    more = f", ... ({len(counts) - limit} more)" if len(counts) > limit else ""
+    return ", ".join(f"{p} ({n})" for p, n in counts[:limit]) + more
+
+
+def _detect(sd: Mapping[str, Any]) -> Layout:
+    found = [lay for lay in LAYOUTS if _matches(sd, lay.query, lay.naming) or _matches(sd, lay.key, lay.naming)]
+    if not found:
+        known = ", ".join(sorted({lay.query or "no prefix" for lay in LAYOUTS}))
+        raise ConversionError(
+            "unknown checkpoint layout: no ResNet backbone tensor (conv1/bn1/layer1-4, or Detectron2 "
+            f"stem/res2-5) under any known prefix ({known}). Prefixes found: {_prefix_summary(sd)}")
+    if len(found) > 1:
+        raise ConversionError(f"ambiguous checkpoint layout: matches {[lay.name for lay in found]}")
+    return found[0]
+
+
+def detect_layout(checkpoint: Any) -> str:
+    """Name of the layout of a checkpoint or state dict (see ``LAYOUTS``); raises ConversionError if none fits."""
+    sd, _ = unwrap_state_dict(checkpoint)
+    return _detect(sd).name
+
+
+def _drop_group(key: str, prefix: str) -> str:
+    """Label used to count dropped keys: ``module.encoder_q.fc``, ``module.encoder_k``, ``module.queue``."""
+    if key.endswith(".num_batches_tracked"):
+        return "*.num_batches_tracked"
+    if prefix and key.startswith(prefix):
+        return prefix + key[len(prefix):].split(".")[0]
+    parts = key.split(".")
+    if not prefix:  # one network: drop the parameter name: ``fc.weight`` -> ``fc``, ``stem.fc.0.weight`` -> ``stem.fc``
+        return ".".join(parts[:max(1, min(2, len(parts) - 1))])
+    return ".".join(parts[:2])
+
+
+def extract_backbone(checkpoint: Any, encoder: str = "query") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Torchvision-named backbone tensors of one encoder, and what was done to get them.
+
+    checkpoint: any supported layout, flat or nested under ``state_dict``/``model``; values are tensors or
+    numpy arrays. encoder: ``query`` (MoCo's ``encoder_q``, v3's ``base_encoder``; the one used for
+    transfer in the paper) or ``key`` (the momentum encoder).
+    Returns ``(backbone_sd, info)``: backbone_sd maps e.g. ``layer1.0.conv1.weight`` to a float tensor of
+    the checkpoint's shape, without ``fc.*``, heads or ``num_batches_tracked``; info holds ``layout``,
+    ``encoder``, ``prefix``, ``nested_under``, ``num_tensors`` and ``dropped`` (count per key group).
+    """
+    if encoder not in ("query", "key"):
+        raise ConversionError(f"encoder must be 'query' or 'key', got {encoder!r}")
+    sd, nested = unwrap_state_dict(checkpoint)
+    layout = _detect(sd)
+    prefix = layout.query if encoder == "query" else layout.key
+    if prefix is None:
+        raise ConversionError(f"layout {layout.name} holds a single network: there is no key encoder")
+    out: Dict[str, torch.Tensor] = {}
+    dropped: Counter = Counter()
+    for k, v in sd.items():
+        tv = _to_tv(k[len(prefix):], layout.naming) if k.startswith(prefix) else None
+        if tv is None or not _is_array(v):
+            dropped[_drop_group(k, prefix)] += 1
+            continue
+        if tv in out:
+            raise ConversionError(f"two checkpoint keys map to {tv}")
+        t = torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v.detach().cpu().clone()
+        out[tv] = t.contiguous()
+    if not out:
+        raise ConversionError(f"layout {layout.name}: no backbone tensor under prefix {prefix!r}; "
+                              f"prefixes found: {_prefix_summary(sd)}")
+    info = {"layout": layout.name, "encoder": encoder, "prefix": prefix, "nested_under": nested,
+            "num_tensors": len(out), "dropped": dict(sorted(dropped.items()))}
+    return out, info
+
+
+def expected_shapes(arch: str) -> Dict[str, Tuple[int, ...]]:
+    """Every backbone tensor of a torchvision ResNet (no ``fc``, no ``num_batches_tracked``) and its shape."""
+    if arch not in ARCHS:
+        raise ConversionError(f"unknown arch {arch!r}; known: {sorted(ARCHS)}")
+    block, counts = ARCHS[arch]
+    expansion = 4 if block == "bottleneck" else 1
+    shapes: Dict[str, Tuple[int, ...]] = {"conv1.weight": (64, 3, 7, 7)}
+    shapes.update({f"bn1.{p}": (64,) for p in BN_PARAMS})
+    inplanes = 64
+    for i, n in enumerate(counts):
+        planes = 64 * 2 ** i
+        for b in range(n):
+            pre = f"layer{i + 1}.{b}."
+            if block == "bottleneck":  # torchvision puts the stride in the 3x3 conv2 (ResNet v1.5)
+                convs = [(planes, inplanes, 1, 1), (planes, planes, 3, 3), (planes * 4, planes, 1, 1)]
+            else:
+                convs = [(planes, inplanes, 3, 3), (planes, planes, 3, 3)]
+            for k, shape in enumerate(convs, 1):
+                shapes[f"{pre}conv{k}.weight"] = shape
+                shapes.update({f"{pre}bn{k}.{p}": (shape[0],) for p in BN_PARAMS})
+            if b == 0 and (i > 0 or inplanes != planes * expansion):
+                shapes[f"{pre}downsample.0.weight"] = (planes * expansion, inplanes, 1, 1)
+                shapes.update({f"{pre}downsample.1.{p}": (planes * expansion,) for p in BN_PARAMS})
+            inplanes = planes * expansion
+    return shapes
+
+
+def infer_arch(backbone_sd: Mapping[str, Any]) -> str:
+    """ResNet depth from block type (``conv3`` present = bottleneck) and the number of blocks per stage."""
+    block = "bottleneck" if any(k.endswith(".conv3.weight") for k in backbone_sd) else "basic"
+    counts = tuple(1 + max((int(k.split(".")[1]) for k in backbone_sd if k.startswith(f"layer{i}.")), default=-1)
+                   for i in range(1, 5))
+    for arch, spec in ARCHS.items():
+        if spec == (block, counts):
+            return arch
+    raise ConversionError(f"cannot infer the ResNet depth: {block} blocks per stage {counts} match none of "
+                          f"{ARCHS}; pass --arch to see what is missing")
+
+
+def verify_backbone(backbone_sd: Mapping[str, Any], arch: str) -> None:
+    """Raise ConversionError unless ``backbone_sd`` holds exactly the tensors of ``arch`` with their shapes."""
+    want = expected_shapes(arch)
+    missing = sorted(set(want) - set(backbone_sd))
+    unexpected = sorted(set(backbone_sd) - set(want))
+    wrong = [f"{k}: got {tuple(backbone_sd[k].shape)}, expected {want[k]}"
+             for k in want if k in backbone_sd and tuple(backbone_sd[k].shape) != want[k]]
+    if missing or unexpected or wrong:
+        def head(xs: list) -> str:
+            return ", ".join(xs[:5]) + (", ..." if len(xs) > 5 else "")
+        raise ConversionError(
+            f"backbone does not match {arch}: {len(missing)} missing [{head(missing)}], "
+            f"{len(unexpected)} unexpected [{head(unexpected)}], {len(wrong)} with a wrong shape [{head(wrong)}]")
+
+
+def to_detectron2(backbone_sd: Mapping[str, torch.Tensor]) -> Dict[str, np.ndarray]:
+    """Detectron2-named numpy copies of a verified torchvision backbone (``res2.0.conv1.norm.weight`` ...)."""
+    out = {}
+    for k, v in backbone_sd.items():
+        d2 = tv_to_d2_name(k)
+        if d2 is None:
+            raise ConversionError(f"not a backbone tensor: {k}")
+        out[d2] = v.detach().cpu().numpy().copy()
+    return out
+
+
+def to_torchvision(backbone_sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Contiguous CPU copies of a verified backbone, loadable into ``torchvision.models.resnetX`` (fc missing)."""
+    for k in backbone_sd:
+        if tv_to_d2_name(k) is None:
+            raise ConversionError(f"not a backbone tensor: {k}")
+    return {k: v.detach().cpu().clone().contiguous() for k, v in backbone_sd.items()}

@@ -1,0 +1,1 @@
+"""Evaluators that reproduce the reference implementations' numbers."""

@@ -1,0 +1,252 @@
+"""Linear classification on a frozen backbone: the MoCo protocol loop and the fast cached-feature probe.
+
+The protocol (MoCo Sec. 4.1, official ``main_lincls.py``): every backbone tensor frozen and the model
+kept in eval mode so BN statistics stay put; a linear layer initialised N(0, 0.01) with zero bias;
+SGD momentum 0.9, lr 30, wd 0, 100 epochs, lr x0.1 at epochs 60 and 80. Like the official code, the
+run fails if any backbone tensor or BN buffer changed.
+
+The fast probe trains the same linear layer on cached features with full-batch L-BFGS on
+standardised features, choosing the weight decay on a held-out part of train.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pretrain.knn import topk_accuracy
+from pretrain.utils import dist
+from pretrain.utils.io import atomic_torch_save, safe_torch_load
+from transfer.feature_cache import state_digest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinearOptimConfig:
+    batch_size: int = 256  # global, split over the processes (main_lincls.py divides by the GPU count)
+    base_lr: float = 30.0  # not rescaled with the batch size (protocols.md, Known traps)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 100
+    lr_steps: List[int] = field(default_factory=lambda: [60, 80])  # epochs at which lr *= lr_gamma
+    lr_gamma: float = 0.1
+    eval_every: int = 10  # epochs between (logged) val evaluations; the last epoch is always evaluated
+
+
+class BackboneChangedError(RuntimeError):
+    """A backbone tensor or BN buffer changed during linear training."""
+
+
+def step_lr(base_lr: float, epoch: int, steps: Sequence[int], gamma: float = 0.1) -> float:
+    """lr of 0-based ``epoch``: ``base_lr * gamma ** #{s in steps : epoch >= s}`` (main_lincls.py)."""
+    return base_lr * gamma ** sum(epoch >= s for s in steps)
+
+
+def backbone_digest(model: nn.Module) -> str:
+    """SHA-256 of every tensor of ``model`` except the linear head ``fc.*`` (parameters and BN buffers)."""
+    return state_digest({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
+
+
+def attach_linear_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Replace ``model.fc`` by a fresh linear layer (init N(0, 0.01), bias 0) and freeze everything else."""
+    in_dim = model.fc.in_features if isinstance(model.fc, nn.Linear) else model.fc.weight.shape[1]
+    model.fc = nn.Linear(in_dim, num_classes)
+    nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(model.fc.bias)
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("fc.")
+    return model
+
+
+def _sum_across_ranks(values: List[float], device: torch.device) -> List[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_dist():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> Dict[str, float]:
+    """1-crop top-1 / top-5 (percent) over this rank's part of ``loader``, summed over ranks."""
+    model.eval()
+    hits1 = hits5 = count = 0.0
+    for images, target in loader:
+        scores = model(images.to(device, non_blocking=True))
+        a1, a5 = topk_accuracy(scores, target, (1, 5))
+        hits1 += a1 * len(target) / 100
+        hits5 += a5 * len(target) / 100
+        count += len(target)
+    hits1, hits5, count = _sum_across_ranks([hits1, hits5, count], device)
+    return {"top1": 100 * hits1 / count, "top5": 100 * hits5 / count}
+
+
+def train_linear(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    optim: LinearOptimConfig,
+    device: torch.device,
+    checkpoint: Optional[Path] = None,
+) -> Tuple[Dict[str, float], List[dict]]:
+    """Train ``model.fc`` (set by :func:`attach_linear_head`) with the backbone frozen and in eval mode.
+
+    ``train_loader`` yields ``(images (B, 3, H, W), labels (B,))``; if its sampler has ``set_epoch``
+    (DistributedSampler) it is called every epoch. ``checkpoint``: saved atomically after every epoch
+    by rank 0 and resumed from when present. Returns the final val metrics ``{"top1", "top5"}`` and a
+    per-epoch history ``[{"epoch", "lr" (read from the optimizer), "loss"}]``.
+    """
+    model.to(device)
+    digest = backbone_digest(model)
+    net: nn.Module = model
+    if dist.is_dist():
+        # broadcast_buffers=False: BN buffers are frozen and identical on every rank already
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == 2, "only the linear head (fc.weight, fc.bias) may be trained"
+    opt = torch.optim.SGD(params, lr=optim.base_lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+
+    start, history = 0, []
+    if checkpoint is not None and checkpoint.is_file():
+        ckpt = safe_torch_load(checkpoint, map_location=device)
+        if ckpt["backbone_digest"] != digest:
+            raise BackboneChangedError(f"{checkpoint} was trained on a different backbone; delete it to restart")
+        model.fc.load_state_dict(ckpt["fc"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start, history = int(ckpt["epoch"]), list(ckpt["history"])
+        log.info("resumed linear training from %s after %d epochs", checkpoint, start)
+
+    metrics: Dict[str, float] = {}
+    for epoch in range(start, optim.epochs):
+        for group in opt.param_groups:
+            group["lr"] = step_lr(optim.base_lr, epoch, optim.lr_steps, optim.lr_gamma)
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        net.eval()  # frozen BN statistics: the model is never put in train mode (main_lincls.py)
+        loss_sum, n = 0.0, 0
+        bar = tqdm(train_loader, desc=f"linear epoch {epoch}", disable=not dist.is_main(), leave=False)
+        for images, target in bar:
+            target = target.to(device, non_blocking=True)
+            loss = F.cross_entropy(net(images.to(device, non_blocking=True)), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(target)
+            n += len(target)
+        history.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": loss_sum / max(n, 1)})
+        last = epoch + 1 == optim.epochs
+        if last or (optim.eval_every > 0 and (epoch + 1) % optim.eval_every == 0):
+            metrics = evaluate(model, val_loader, device)
+            history[-1].update(metrics)
+        log.info("linear epoch %d: %s", epoch, history[-1])
+        if checkpoint is not None and dist.is_main():
+            atomic_torch_save({"epoch": epoch + 1, "fc": model.fc.state_dict(), "optimizer": opt.state_dict(),
+                               "backbone_digest": digest, "history": history}, checkpoint)
+        dist.barrier()
+
+    if not metrics:  # resumed after the last epoch: evaluate again rather than return nothing
+        metrics = evaluate(model, val_loader, device)
+    if backbone_digest(model) != digest:
+        raise BackboneChangedError("a backbone tensor or BN buffer changed during linear training")
+    return metrics, history
+
+
+# ----- fast probe on cached features -----------------------------------------------------------
+
+
+def feature_stats(feats: torch.Tensor, chunk_size: int = 65536) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (D,) of feats (N, D), accumulated chunk by chunk in float64."""
+    s = torch.zeros(feats.shape[1], dtype=torch.float64)
+    s2 = torch.zeros_like(s)
+    for i in range(0, feats.shape[0], chunk_size):
+        x = feats[i:i + chunk_size].double()
+        s += x.sum(0)
+        s2 += x.pow(2).sum(0)
+    mean = s / feats.shape[0]
+    std = (s2 / feats.shape[0] - mean.pow(2)).clamp_min(0).sqrt()
+    return mean.float(), std.float().clamp_min(1e-6)  # constant dims (dead ReLUs) stay finite
+
+
+def fit_logistic(
+    feats: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float,
+    mean: torch.Tensor, std: torch.Tensor, device: torch.device, max_iter: int = 200, chunk_size: int = 65536,
+) -> nn.Linear:
+    """Multinomial logistic regression on standardised features, full-batch L-BFGS.
+
+    Minimises ``mean_i CE(W (x_i - mu) / sigma + b, y_i) + wd / 2 * ||W||^2`` (convex; zero init, so the
+    result is deterministic). feats (N, D) may live on the CPU in float16; chunks move to ``device``.
+    """
+    lin = nn.Linear(feats.shape[1], num_classes).to(device)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    mean, std, y_all, n = mean.to(device), std.to(device), labels.to(device), feats.shape[0]
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=max_iter, history_size=10,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        total = torch.zeros((), device=device)
+        for i in range(0, n, chunk_size):  # gradient summed over chunks: bounded memory at any N
+            x = (feats[i:i + chunk_size].to(device).float() - mean) / std
+            loss = F.cross_entropy(lin(x), y_all[i:i + chunk_size], reduction="sum") / n
+            loss.backward()
+            total += loss.detach()
+        reg = 0.5 * weight_decay * lin.weight.pow(2).sum()
+        reg.backward()
+        return total + reg.detach()
+
+    opt.step(closure)
+    return lin
+
+
+@torch.no_grad()
+def linear_scores(lin: nn.Linear, feats: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                  device: torch.device, chunk_size: int = 65536) -> torch.Tensor:
+    """Class scores (M, C) of feats (M, D), chunk by chunk."""
+    mean, std = mean.to(device), std.to(device)
+    return torch.cat([lin((feats[i:i + chunk_size].to(device).float() - mean) / std)
+                      for i in range(0, feats.shape[0], chunk_size)])
+
+
+def holdout_mask(groups: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Bool mask (N,) holding out ``fraction`` of the distinct ids in ``groups`` (N,), whole groups only."""
+    ids = torch.unique(groups)
+    perm = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
+    return torch.isin(groups, perm[: max(1, int(math.ceil(fraction * len(ids))))])
+
+
+def probe_with_wd_sweep(
+    train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor, val_labels: torch.Tensor,
+    num_classes: int, wd_grid: Sequence[float], device: torch.device, holdout_fraction: float = 0.1,
+    max_iter: int = 200, chunk_size: int = 65536, seed: int = 0, groups: Optional[torch.Tensor] = None,
+) -> Dict[str, float]:
+    """Pick the weight decay on a held-out part of train, refit on all of train, score val.
+
+    train_feats (N, D), train_labels (N,); ``groups`` (N,) gives each row's image id when several
+    augmented views of an image are rows, so that the held-out split is by image (no view leaks).
+    Returns ``top1``, ``top5`` (percent, val), ``weight_decay`` and ``holdout_top1``.
+    """
+    groups = torch.arange(train_feats.shape[0]) if groups is None else groups
+    held = holdout_mask(groups, holdout_fraction, seed)
+    fit_x, fit_y, ho_x, ho_y = train_feats[~held], train_labels[~held], train_feats[held], train_labels[held]
+    mean, std = feature_stats(fit_x, chunk_size)
+    best_wd, best_acc = wd_grid[0], -1.0
+    for wd in sorted(wd_grid, reverse=True):  # ties go to the strongest regularisation
+        lin = fit_logistic(fit_x, fit_y, num_classes, wd, mean, std, device, max_iter, chunk_size)
+        acc = topk_accuracy(linear_scores(lin, ho_x, mean, std, device, chunk_size), ho_y, (1,))[0]
+        log.info("fast probe: wd=%g held-out top1=%.2f", wd, acc)
+        if acc > best_acc:
+            best_wd, best_acc = wd, acc
+    mean, std = feature_stats(train_feats, chunk_size)
+    lin = fit_logistic(train_feats, train_labels, num_classes, best_wd, mean, std, device, max_iter, chunk_size)
+    top1, top5 = topk_accuracy(linear_scores(lin, val_feats, mean, std, device, chunk_size), val_labels, (1, 5))
+    return {"top1": top1, "top5": top5, "weight_decay": float(best_wd), "holdout_top1": best_acc}

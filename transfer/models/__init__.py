@@ -1,0 +1,1 @@
+"""Transfer models built from torchvision components (Faster R-CNN C4, ...)."""
