@@ -62,6 +62,8 @@ def main(cfg: PretrainConfig) -> dict:
     check_run(cfg, ws)
     _seed_everything(cfg.run.seed + dist.rank())
     on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True  # fixed input sizes; CPU runs stay bit-deterministic
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", config_to_yaml(cfg))

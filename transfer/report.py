@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import pandas as pd
 
 from pretrain.utils.io import atomic_path, atomic_write_text
-from transfer.report_load import PROTOCOL_FIELDS, load_results
+from transfer.report_load import PROTOCOL_FIELDS, load_results, protocol_ids
 from transfer.report_plot import plot_deltas
 from transfer.report_reference import REFERENCE_CSV, load_reference
 from transfer.report_render import to_html, to_markdown
@@ -44,7 +44,7 @@ def tidy_frame(trials: pd.DataFrame, summary: Summary, ref: Optional[pd.DataFram
     g = summary.groups
     out: List[pd.DataFrame] = []
     tr = trials[(trials["status"] == "ok") & trials["metric"].notna()].copy()
-    tr["protocol"] = tr[list(PROTOCOL_FIELDS)].astype(str).agg("|".join, axis=1)
+    tr["protocol"] = protocol_ids(tr)
     tr = tr.merge(g[GROUP_KEY + ["row_label", "variant"]], on=GROUP_KEY, how="left")
     out.append(tr.assign(kind="measured", statistic="trial"))
     s = summary.stats.merge(g[GROUP_KEY + list(PROTOCOL_FIELDS)], on=GROUP_KEY, how="left")
@@ -52,7 +52,7 @@ def tidy_frame(trials: pd.DataFrame, summary: Summary, ref: Optional[pd.DataFram
         part = s[s[stat].notna()].assign(kind="measured", statistic=stat, value=lambda x, c=stat: x[c])
         out.append(part if stat == "delta" else part.assign(significant=pd.NA))
     for stat in ("n_failed", "n_total"):
-        out.append(g.assign(kind="measured", statistic=stat, value=g[stat], metric=""))
+        out.append(g.drop(columns=["sha256"]).assign(kind="measured", statistic=stat, value=g[stat], metric=""))
     if ref is not None and not ref.empty:
         out.append(ref.assign(kind=ref["kind"], weights=ref["pretrain"], row_label=ref["label"],
                               statistic="published"))

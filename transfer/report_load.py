@@ -39,6 +39,12 @@ def _key_text(v: Any) -> str:
     return str(v)
 
 
+def protocol_ids(trials: pd.DataFrame) -> pd.Series:
+    """One text id per row joining its ``PROTOCOL_FIELDS``: equal ids = trials that may be averaged."""
+    ids = ["|".join(row) for row in trials[list(PROTOCOL_FIELDS)].astype(str).itertuples(index=False)]
+    return pd.Series(ids, index=trials.index, dtype=object)
+
+
 def _rows_from_record(rec: Dict[str, Any], path: Path) -> List[Dict[str, Any]]:
     eff = rec.get("effective") or {}
     info = rec.get("weights_info") or {}

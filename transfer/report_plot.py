@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-from transfer.report_tables import TASK_ORDER, _order, table_metrics
+from transfer.report_tables import TASK_ORDER, ordered, table_metrics
 
 
 def plot_deltas(stats: pd.DataFrame, baseline: str | None, path: Path) -> None:
@@ -19,7 +20,7 @@ def plot_deltas(stats: pd.DataFrame, baseline: str | None, path: Path) -> None:
     The Agg canvas is used directly so no global pyplot state or display backend is touched.
     """
     d = stats[stats["delta"].notna()] if baseline else stats.iloc[0:0]
-    tasks = _order(d["task"].unique(), TASK_ORDER)
+    tasks = ordered(d["task"].unique(), TASK_ORDER)
     ncols = min(3, max(1, len(tasks)))
     nrows = max(1, math.ceil(len(tasks) / ncols))
     tallest = max([d[d["task"] == t]["row_label"].nunique() for t in tasks] or [1])
@@ -35,12 +36,13 @@ def plot_deltas(stats: pd.DataFrame, baseline: str | None, path: Path) -> None:
         t = d[d["task"] == task]
         labels = list(dict.fromkeys(t["row_label"]))
         metrics = table_metrics(t["metric"].unique())
-        height = 0.8 / len(metrics)
+        height, handles = 0.8 / len(metrics), []
         y = np.arange(len(labels))
         for j, m in enumerate(metrics):
             tm = t[t["metric"] == m].set_index("row_label").reindex(labels)
             yj, dj = y + (j - (len(metrics) - 1) / 2) * height, tm["delta"].fillna(0.0).to_numpy()
-            bars = ax.barh(yj, dj, height, label=m)
+            bars = ax.barh(yj, dj, height)
+            handles.append(Patch(facecolor=bars.patches[0].get_facecolor(), label=m))  # unhatched legend key
             err = tm["delta_std"].to_numpy(dtype=float)
             ok = np.isfinite(err)  # no error bar where a side has a single trial (std undefined)
             if ok.any():
@@ -53,6 +55,6 @@ def plot_deltas(stats: pd.DataFrame, baseline: str | None, path: Path) -> None:
         ax.invert_yaxis()
         ax.set_title(f"{task}: Δ to {baseline}", fontsize=10)
         ax.set_xlabel("Δ (points); hatched: |Δ| > combined std")
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(handles=handles, fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, format="png")

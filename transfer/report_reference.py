@@ -149,11 +149,8 @@ def reference_rows(ref: pd.DataFrame) -> List[Tuple[str, str, pd.DataFrame]]:
     return rows
 
 
-def mapped_tasks() -> List[str]:
-    return [m.task for m in REFERENCE_MAP]
-
-
 def reference_note(task: str) -> Optional[str]:
+    """The mapping's caveat for ``task`` (e.g. the fast probe is compared with the full protocol)."""
     for m in REFERENCE_MAP:
         if m.task == task and m.note:
             return m.note

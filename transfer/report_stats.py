@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from transfer.report_load import PROTOCOL_FIELDS
+from transfer.report_load import PROTOCOL_FIELDS, protocol_ids
 
 GROUP_KEY = ["family", "task", "weights", "protocol"]
 _FIELD_TEXT = {
@@ -70,11 +70,12 @@ def resolve_baseline(names: List[str], requested: Optional[str]) -> Tuple[Option
 def _attach_failed(trials: pd.DataFrame) -> pd.DataFrame:
     """Give a failed trial whose protocol was only partly recorded the protocol of the run it belongs to.
 
-    A trial that crashed before its schedule was resolved has empty fields; it joins the one ok protocol
-    of the same weights and task that agrees on every recorded field, else it stays a row of its own.
+    A trial that crashed before its schedule was resolved has empty fields; it joins the one resolved
+    protocol (config hash recorded) of the same weights and task that agrees on every recorded field,
+    else it stays a row of its own.
     """
     trials = trials.copy()
-    ok = trials[trials["status"] == "ok"]
+    ok = trials[trials["config_hash"] != ""]
     for idx, r in trials[trials["status"] != "ok"].iterrows():
         fields = [f for f in PROTOCOL_FIELDS if r[f] == ""]
         if not fields:
@@ -120,7 +121,7 @@ def _primary_protocols(groups: pd.DataFrame, baseline: Optional[str]) -> Dict[st
 def summarise(trials: pd.DataFrame, baseline: Optional[str] = None) -> Summary:
     """Aggregate a ``load_results`` frame (must be non-empty) into a ``Summary``."""
     trials = trials.copy()
-    trials["protocol"] = trials[list(PROTOCOL_FIELDS)].astype(str).agg("|".join, axis=1)
+    trials["protocol"] = protocol_ids(trials)
     # one family per task, whatever individual files say
     trials["family"] = trials.groupby("task")["family"].transform(lambda s: s.mode().iloc[0])
     trials = _attach_failed(trials)
@@ -133,6 +134,8 @@ def summarise(trials: pd.DataFrame, baseline: Optional[str] = None) -> Summary:
     for r in groups.itertuples(index=False):
         diff = _diff_fields(r.protocol, primary[r.task])
         v = describe_protocol(r.protocol, diff) if diff else ""
+        if diff and all(getattr(r, f) == "" for f in diff):  # e.g. the task config failed to load
+            v = "protocol not recorded"
         variants.append(v)
         labels.append(f"{r.weights} [{v}]" if v else r.weights)
         if diff:

@@ -51,14 +51,15 @@ class FamilyTable:
     notes: List[str] = field(default_factory=list)
 
 
-def _order(values, preferred) -> list:
+def ordered(values, preferred) -> list:
+    """``values`` with those listed in ``preferred`` first, in that order, then the rest sorted."""
     return sorted(values, key=lambda v: (preferred.index(v) if v in preferred else len(preferred), str(v)))
 
 
 def table_metrics(metrics) -> list:
     """The metrics shown as columns (headline ones, in the paper's order), from all a task reported."""
     shown = [m for m in metrics if m in HEADLINE_METRICS]
-    return _order(shown or list(metrics), METRIC_ORDER)
+    return ordered(shown or list(metrics), METRIC_ORDER)
 
 
 def fmt(x: float) -> str:
@@ -84,7 +85,7 @@ def _measured_rows(summary: Summary, fam_groups: pd.DataFrame, columns) -> List[
     # trials expected = most trials any pretraining ran with the same task and protocol
     expected = fam_groups.groupby(["task", "protocol"])["n_total"].max().to_dict()
     labels = fam_groups[["weights", "row_label", "variant"]].drop_duplicates()
-    names = _order(labels["weights"].unique(), (summary.baseline,))
+    names = ordered(labels["weights"].unique(), (summary.baseline,))
     rows = []
     for name in names:
         own = labels[labels["weights"] == name].sort_values(["variant", "row_label"])
@@ -180,9 +181,9 @@ def build_tables(summary: Summary, ref: Optional[pd.DataFrame] = None) -> List[F
     """One ``FamilyTable`` per task family found in the results (published rows only for those tasks)."""
     tables = []
     groups = summary.groups
-    for family in _order(groups["family"].unique(), FAMILY_ORDER):
+    for family in ordered(groups["family"].unique(), FAMILY_ORDER):
         fam_groups = groups[groups["family"] == family]
-        tasks = _order(fam_groups["task"].unique(), TASK_ORDER)
+        tasks = ordered(fam_groups["task"].unique(), TASK_ORDER)
         fam_ref = None if ref is None else ref[ref["task"].isin(tasks)]
         columns: List[Tuple[str, str]] = []
         other_metrics: Dict[str, List[str]] = {}
@@ -190,7 +191,7 @@ def build_tables(summary: Summary, ref: Optional[pd.DataFrame] = None) -> List[F
             metrics = set(summary.stats.loc[summary.stats["task"] == task, "metric"])
             if fam_ref is not None:
                 metrics |= set(fam_ref.loc[fam_ref["task"] == task, "metric"])
-            shown = table_metrics(metrics)
+            shown = table_metrics(metrics) or ["result"]  # every trial failed: one column saying so
             columns += [(task, m) for m in shown] + [(task, N_COL)]
             if set(metrics) - set(shown):
                 other_metrics[task] = sorted(set(metrics) - set(shown))

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import SMOKE, tiny_config
+from pretrain_helpers import SMOKE, load_cli, tiny_config
 from pretrain import checkpoint as ckpt_io
 from pretrain.config import check_run, load_pretrain_config
 from pretrain.data.augment import TwoCropsTransform, build_augmentation
@@ -53,9 +53,7 @@ def test_config_errors(tmp_path):
     cfg = load_pretrain_config(SMOKE, ["model.queue_size=100", "data.batch_size=32"])
     with pytest.raises(ConfigError, match="queue_size=100 must be a multiple of the global batch"):
         check_run(cfg, world_size=1)
-    from tools_cli import cli  # noqa: the entry point reports config errors as one line, exit code 2
-
-    assert cli(["--config", str(SMOKE), "optim.lrr=1"]) == 2
+    assert load_cli()(["--config", str(SMOKE), "optim.lrr=1"]) == 2  # one line on stderr, exit code 2
 
 
 def _saved(tmp_path, *overrides):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision import transforms
 
-from conftest import REPO, SMOKE
+from pretrain_helpers import REPO, SMOKE
 from pretrain.config import bn_splits, effective_lr, load_pretrain_config
 from pretrain.data.augment import GaussianBlur, TwoCropsTransform, build_augmentation
 from pretrain.data.folder import ClassFolderPairs

@@ -1,16 +1,18 @@
 """End-to-end pretraining on tiny synthetic data (CPU): checkpoint layout, kill-and-resume, shards, torchrun."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
 
-from conftest import REPO, tiny_config
+from pretrain_helpers import REPO, tiny_config
 from pretrain import checkpoint as ckpt_io
 from pretrain.data.synthetic import shard_pattern
 from pretrain.main import main
@@ -54,12 +56,26 @@ def test_checkpoint_has_official_layout_and_resumes_exactly(tmp_path, tiny_folde
         assert torch.allclose(a["momentum_buffer"], b["momentum_buffer"], atol=1e-6, rtol=0)
 
 
+def _bad_shard(path, good_jpg: bytes) -> None:
+    """A shard with one corrupt image among good ones."""
+    with tarfile.open(path, "w") as tar:
+        for key, payload in (("bad", b"\xff\xd8 not a jpeg"), ("ok1", good_jpg), ("ok2", good_jpg)):
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
 def test_shards_run_iteration_based(tmp_path, tiny_shards):
-    cfg = tiny_config(tmp_path, tmp_path / "out", "data.kind=shards", f"data.pattern={shard_pattern(tiny_shards)}",
+    with tarfile.open(tiny_shards[0]) as tar:
+        good = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".jpg"))).read()
+    _bad_shard(tmp_path / "bad.tar", good)
+    pattern = f"{shard_pattern(tiny_shards)},{tmp_path / 'bad.tar'}"
+    cfg = tiny_config(tmp_path, tmp_path / "out", "data.kind=shards", f"data.pattern={pattern}",
                       "data.shuffle_buffer=8", "optim.iterations=3", "optim.schedule=exp_step",
                       "optim.exp_every=2", "optim.exp_gamma=0.5", "run.save_every_iters=2")
     summary = main(cfg)
     assert summary["global_step"] == 3
+    assert summary["stats"]["skipped_images"] >= 1  # the corrupt sample was skipped and counted
     ckpt = safe_torch_load(tmp_path / "out" / ckpt_io.LAST)
     assert ckpt["global_step"] == 3
     assert summary["stats"]["lr"] == pytest.approx(0.03 * 0.5)  # step 2 is past the first decay

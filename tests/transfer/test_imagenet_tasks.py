@@ -1,6 +1,7 @@
 """The three ImageNet tasks through the registry: configs, layout errors, cache reuse, engine runs."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,44 @@ def make_rgb_image():
     from PIL import Image
 
     return Image.new("RGB", (40, 36), (200, 30, 90))
+
+
+# ----- learning signal: a short MoCo pretraining beats random init -------------------------------
+# Measured on a shared 2-core CPU (see the report of issue 5): MoCo needs a few hundred iterations on
+# this synthetic data before its features pass a random-init ResNet-18's, and the first ~50 make them
+# worse. That is minutes, not seconds, so the test is opt-in: MOCO_LEARNING_SIGNAL=1 pytest -m slow.
+SIGNAL_PRETRAIN = [
+    "data.image_size=32", "data.batch_size=32", "data.workers=0", "data.aug=v1", "model.mlp=false",
+    "model.temperature=0.1", "model.momentum=0.99", "model.queue_size=256", "model.shuffle_bn_splits=2",
+    "optim.base_lr=0.03", "optim.epochs=60", "run.tensorboard=false", "run.save_every_epochs=1000",
+    "monitor.knn_every=0",
+]
+
+
+def learning_signal(tmp: Path, seed: int) -> dict:
+    """Pretrain through the public API, then kNN and fast-linear top-1 of MoCo vs random-init weights."""
+    from pretrain.config import load_pretrain_config
+    from pretrain.main import main as pretrain_main
+    from transfer.weights import load_backbone_weights
+
+    root = make_imagenet_folders(tmp / "data" / "imagenet", num_classes=10, train_per_class=20, val_per_class=20,
+                                 image_size=32, seed=seed)
+    cfg = load_pretrain_config(Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "smoke.yaml",
+                               [f"data.root={root}", f"run.output_dir={tmp / 'pretrain'}", f"run.seed={seed}",
+                                *SIGNAL_PRETRAIN])
+    ckpt = pretrain_main(cfg)["checkpoint"]
+    out = {}
+    for name, spec in (("moco", ckpt), ("random", "random")):
+        weights = load_backbone_weights(spec, arch="resnet18")
+        for task in ("imagenet_knn", "imagenet_linear_fast"):
+            ctx = _ctx(task, tmp / "data", tmp / name, seed=seed)
+            out[f"{name}_{task}"] = get_task(task).engines["torchvision"](_cfg(task), weights, ctx)["top1"]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("MOCO_LEARNING_SIGNAL"), reason="minutes on CPU: set MOCO_LEARNING_SIGNAL=1")
+def test_moco_features_beat_random_init(tmp_path):
+    r = learning_signal(tmp_path, seed=int(os.environ.get("MOCO_LEARNING_SIGNAL_SEED", 0)))
+    assert r["moco_imagenet_knn"] >= r["random_imagenet_knn"] + 5, r
+    assert r["moco_imagenet_linear_fast"] >= r["random_imagenet_linear_fast"] + 5, r

@@ -199,3 +199,17 @@ def test_cli_exit_codes(tree: Path, tmp_path_factory, capsys):
                        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert r.returncode == 1 and "no readable metrics.json" in r.stderr
     assert REFERENCE_CSV.is_file()
+
+
+def test_failed_trial_without_protocol_joins_its_run(tmp_path: Path):
+    """The runner records a trial that failed before its config resolved with no hash and no schedule."""
+    for k in range(2):
+        write_trial(tmp_path, "moco", "voc07_det", k, {"AP": 40.0 + k})
+    write_trial(tmp_path, "moco", "voc07_det", 2, status="failed", error="RuntimeError: setup")
+    path = tmp_path / "moco" / "voc07_det" / "trial2" / "metrics.json"
+    rec = json.loads(path.read_text())
+    path.write_text(json.dumps({**rec, "config_hash": None, "engine": None, "effective": {}}))
+    summary = summarise(load_results(tmp_path)[0])
+    assert len(summary.groups) == 1
+    g = summary.groups.iloc[0]
+    assert (g["n_ok"], g["n_failed"], g["n_total"]) == (2, 1, 3)

@@ -1,0 +1,27 @@
+"""Helpers for the pretraining tests (a uniquely named module: ``conftest`` names clash across test folders)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from pretrain.config import PretrainConfig, load_pretrain_config
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "configs" / "pretrain" / "smoke.yaml"
+
+
+def tiny_config(data_root: Path, out: Path, *extra: str) -> PretrainConfig:
+    """The smoke recipe shrunk further through overrides only: resnet18 at 32 px, batch 16, K=32."""
+    return load_pretrain_config(SMOKE, [
+        f"data.root={data_root}", f"run.output_dir={out}", "data.image_size=32", "data.batch_size=16",
+        "data.workers=0", "model.queue_size=32", "model.mlp_hidden=64", "model.shuffle_bn_splits=2",
+        "optim.epochs=2", "run.log_every=1", "run.tensorboard=false", "monitor.knn_every=0", *extra,
+    ])
+
+
+def load_cli():
+    """``cli`` of ``tools/train_moco.py`` (a script, not a package module)."""
+    spec = importlib.util.spec_from_file_location("train_moco_cli", REPO / "tools" / "train_moco.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.cli
