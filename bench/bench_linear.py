@@ -13,7 +13,6 @@ The fast probe's extraction is timed cold (a fresh cache dir) unless ``--cache-d
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time

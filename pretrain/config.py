@@ -111,6 +111,8 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError("data.kind=shards streams without epochs: set optim.iterations > 0")
     if cfg.optim.schedule == "exp_step" and cfg.optim.iterations <= 0:
         raise ConfigError("optim.schedule=exp_step is iteration-based: set optim.iterations > 0")
+    if cfg.monitor.knn_every > 0 and not (cfg.monitor.knn_train and cfg.monitor.knn_val):
+        raise ConfigError("monitor.knn_every > 0 needs monitor.knn_train and monitor.knn_val (labelled class folders)")
     if cfg.run.resume not in ("", "auto") and not Path(cfg.run.resume).is_file():
         raise ConfigError(f"run.resume={cfg.run.resume!r}: no such checkpoint file")
 

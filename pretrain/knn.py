@@ -101,42 +101,50 @@ def extract_features(
 
 @torch.no_grad()
 def knn_topk(
-    train_feats: torch.Tensor,
+    train_feats: torch.Tensor | Sequence[torch.Tensor],
     test_feats: torch.Tensor,
     k: int,
     chunk_size: int = 1024,
     train_chunk_size: int = 65536,
     device: Optional[torch.device] = None,
+    normalize_train: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most cosine-similar training features of every test feature.
 
     Args:
-        train_feats: (N, D), L2-normalised; may stay on the CPU or be a float16 tensor (moved and cast
-            one chunk at a time).
+        train_feats: (N, D), L2-normalised, or a list of row blocks (N_i, D) with sum N_i = N (e.g.
+            memory-mapped cache shards); may stay on the CPU in float16 (moved and cast one chunk at a time).
         test_feats: (M, D), L2-normalised.
+        normalize_train: L2-normalise each train chunk after moving it (for raw cached features).
     Returns:
         sims (M, k) sorted descending and their train indices (M, k) int64, on ``device``.
     Memory is bounded by ``chunk_size x (train_chunk_size + k)`` similarities: the train bank is
     streamed once (outer loop), and a running top-k per test row is merged with each chunk.
     """
     device = device or test_feats.device
-    n, m = train_feats.shape[0], test_feats.shape[0]
+    blocks = [train_feats] if isinstance(train_feats, torch.Tensor) else list(train_feats)
+    n, m = sum(b.shape[0] for b in blocks), test_feats.shape[0]
     k = min(k, n)
     test = test_feats.to(device)
     best_sim = torch.full((m, k), float("-inf"), device=device)
     best_idx = torch.zeros((m, k), dtype=torch.long, device=device)
-    for t0 in range(0, n, train_chunk_size):
-        # cached features may be stored as float16: compute similarities in the queries' dtype
-        bank = train_feats[t0:t0 + train_chunk_size].to(device, test.dtype, non_blocking=True)
-        for q0 in range(0, m, chunk_size):
-            sim = test[q0:q0 + chunk_size] @ bank.T  # (c, n_chunk) cosine similarities
-            kk = min(k, sim.shape[1])
-            s, i = sim.topk(kk, dim=1)
-            cand_s = torch.cat([best_sim[q0:q0 + chunk_size], s], dim=1)
-            cand_i = torch.cat([best_idx[q0:q0 + chunk_size], i + t0], dim=1)
-            top_s, pos = cand_s.topk(k, dim=1)
-            best_sim[q0:q0 + chunk_size] = top_s
-            best_idx[q0:q0 + chunk_size] = cand_i.gather(1, pos)
+    offset = 0
+    for block in blocks:
+        for b0 in range(0, block.shape[0], train_chunk_size):
+            # cached features may be stored as float16: compute similarities in the queries' dtype
+            bank = block[b0:b0 + train_chunk_size].to(device, test.dtype, non_blocking=True)
+            if normalize_train:
+                bank = F.normalize(bank, dim=1)
+            t0 = offset + b0
+            for q0 in range(0, m, chunk_size):
+                sim = test[q0:q0 + chunk_size] @ bank.T  # (c, n_chunk) cosine similarities
+                s, i = sim.topk(min(k, sim.shape[1]), dim=1)
+                cand_s = torch.cat([best_sim[q0:q0 + chunk_size], s], dim=1)
+                cand_i = torch.cat([best_idx[q0:q0 + chunk_size], i + t0], dim=1)
+                top_s, pos = cand_s.topk(k, dim=1)
+                best_sim[q0:q0 + chunk_size] = top_s
+                best_idx[q0:q0 + chunk_size] = cand_i.gather(1, pos)
+        offset += block.shape[0]
     return best_sim, best_idx
 
 

@@ -118,7 +118,7 @@ def main(cfg: PretrainConfig) -> dict:
                      iterations=o.iterations, steps=o.steps, exp_every=o.exp_every, exp_gamma=o.exp_gamma)
 
     config_dict = config_to_dict(cfg)
-    state = {"step": start.global_step}
+    state = {"step": start.global_step, "skipped": 0}
 
     def save(name: str, epoch: int, start_iter: int) -> None:
         if dist.is_main():
@@ -150,6 +150,7 @@ def main(cfg: PretrainConfig) -> dict:
             channels_last=cfg.run.channels_last and on_gpu, log_every=cfg.run.log_every, writer=writer,
             on_iter_end=on_iter_end,
         )
+        state["skipped"] += stats["skipped_images"]
         log.info("epoch %d done: %s", epoch, stats)
         save(ckpt_io.LAST, epoch + 1, 0)
         if (epoch + 1) % cfg.run.save_every_epochs == 0 or epoch + 1 == num_epochs:
@@ -164,5 +165,5 @@ def main(cfg: PretrainConfig) -> dict:
             atomic_write_json(out / "last_stats.json", {"epoch": epoch + 1, "global_step": state["step"], **stats})
     if writer is not None:
         writer.close()
-    return {"stats": stats, "global_step": state["step"], "checkpoint": str(out / ckpt_io.LAST),
-            "output_dir": str(out)}
+    return {"stats": stats, "global_step": state["step"], "skipped_images_total": state["skipped"],
+            "checkpoint": str(out / ckpt_io.LAST), "output_dir": str(out)}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from pretrain.config import PretrainConfig, bn_splits
 from pretrain.shuffle_bn import grouped_forward, shuffled_key_forward
 from pretrain.utils import dist
 
@@ -121,10 +122,8 @@ class PooledBackbone(nn.Module):
         return torch.flatten(e.avgpool(x), 1)
 
 
-def build_moco(cfg, world_size: int = 1) -> MoCo:
-    """MoCo from a :class:`pretrain.config.PretrainConfig`."""
-    from pretrain.config import bn_splits
-
+def build_moco(cfg: PretrainConfig, world_size: int = 1) -> MoCo:
+    """MoCo from a :class:`PretrainConfig`; BN groups per process from :func:`bn_splits`."""
     m = cfg.model
     return MoCo(lambda: build_encoder(m.arch, m.dim, m.mlp, m.mlp_hidden), dim=m.dim, queue_size=m.queue_size,
                 momentum=m.momentum, temperature=m.temperature, bn_splits=bn_splits(cfg, world_size))

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -105,14 +105,19 @@ class FeatureCache:
         except (ValueError, OSError):
             return False
 
-    def load(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Features (N, D) in the stored dtype and labels (N,) int64, read from memory-mapped shards."""
+    def load(self, stream: bool = False) -> Tuple[torch.Tensor | List[torch.Tensor], torch.Tensor]:
+        """Features (N, D) in the stored dtype and labels (N,) int64.
+
+        ``stream=True``: the features stay a list of memory-mapped per-shard tensors (N_i, D), read
+        from disk only when touched (bounded host memory for kNN over 1.28M images).
+        """
         m = self.manifest()
         if m is None:
             raise FileNotFoundError(f"feature cache entry is not complete: {self.dir}")
-        feats = [np.load(self.shard_paths(i)[0], mmap_mode="r") for i in range(m["num_shards"])]
-        labels = [np.load(self.shard_paths(i)[1], mmap_mode="r") for i in range(m["num_shards"])]
-        return torch.from_numpy(np.concatenate(feats)), torch.from_numpy(np.concatenate(labels).astype(np.int64))
+        # mmap_mode="c" (copy-on-write): lazily read, and writable so torch.from_numpy does not warn
+        feats = [torch.from_numpy(np.load(self.shard_paths(i)[0], mmap_mode="c")) for i in range(m["num_shards"])]
+        labels = np.concatenate([np.load(self.shard_paths(i)[1]) for i in range(m["num_shards"])])
+        return (feats if stream else torch.cat(feats)), torch.from_numpy(labels.astype(np.int64))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -142,20 +147,22 @@ def get_or_extract(
     shard_size: int = 50000,
     dtype: str = "float16",
     desc: str = "features",
-) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    stream: bool = False,
+) -> Tuple[torch.Tensor | List[torch.Tensor], torch.Tensor, bool]:
     """Features (N, D) and labels (N,) of ``dataset`` under ``model``, from the cache when present.
 
     ``model`` maps images (B, 3, H, W) -> (B, D) and is run in eval mode; ``dataset`` yields
     ``(image, label)``. ``parts`` must describe everything the features depend on (see module doc);
     ``dtype`` is the storage dtype and is part of the key. Returns ``(feats, labels, extracted)``
-    where ``extracted`` says whether any shard was computed in this call.
+    where ``extracted`` says whether any shard was computed in this call; ``stream``: see
+    :meth:`FeatureCache.load`.
     """
     if dtype not in DTYPES:
         raise ValueError(f"feature cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     cache = FeatureCache(cache_dir, {**parts, "dtype": dtype, "shard_size": shard_size, "num_samples": len(dataset)})
     if cache.is_complete():
         log.info("%s: reusing cached features %s", desc, cache.dir)
-        return (*cache.load(), False)
+        return (*cache.load(stream), False)
 
     n = len(dataset)
     num_shards = (n + shard_size - 1) // shard_size
@@ -187,7 +194,7 @@ def get_or_extract(
             "key": cache.key, "parts": cache.parts, "num_shards": num_shards, "num_samples": n,
         })
     dist.barrier()
-    return (*cache.load(), extracted)
+    return (*cache.load(stream), extracted)
 
 
 def list_entries(cache_dir: str | os.PathLike) -> List[Path]:

@@ -55,6 +55,18 @@ def test_topk_prefix_gives_smaller_k():
     torch.testing.assert_close(small, knn_predict(train, labels, test, 4, 5, 0.1))
 
 
+def test_bank_in_blocks_and_normalised_on_the_fly():
+    # the kNN task streams memory-mapped cache shards of raw (unnormalised, float16) features
+    g = torch.Generator().manual_seed(2)
+    raw = torch.randn(70, 8, generator=g) * 5
+    test = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    blocks = [raw[:30].half(), raw[30:31].half(), raw[31:].half()]
+    sims, idx = knn_topk(blocks, test, 10, chunk_size=4, train_chunk_size=16, normalize_train=True)
+    ref_s, ref_i = knn_topk(F.normalize(raw.half().float(), dim=1), test, 10)
+    torch.testing.assert_close(sims, ref_s, atol=1e-6, rtol=1e-6)
+    assert torch.equal(idx, ref_i)
+
+
 def test_k_larger_than_bank():
     train = F.normalize(torch.randn(5, 4), dim=1)
     scores = knn_predict(train, torch.tensor([0, 1, 1, 2, 0]), train, 3, k=200, temperature=0.07)

@@ -118,3 +118,9 @@ def test_single_device_eval_keys_equal_plain_forward():
     enc = tiny_encoder().eval()
     x = torch.randn(8, 3, 6, 6)
     assert torch.allclose(shuffled_key_forward(enc, x, 4), enc(x), atol=1e-6)
+
+
+def test_shuffle_bn_off_is_never_silent(caplog):
+    with caplog.at_level("WARNING"):
+        MoCo(lambda: tiny_encoder(4), dim=4, queue_size=8, bn_splits=1)
+    assert "shuffle BN is OFF" in caplog.text

@@ -88,13 +88,14 @@ def test_checkpoint_of_another_arch_or_layout(tmp_path):
     assert path.read_bytes() == before  # nothing already written is damaged
 
 
-def test_official_checkpoint_loads(tmp_path):
+@pytest.mark.parametrize("head", ["model.mlp=false", "model.mlp=true"])  # v1 linear head, v2 MLP head
+def test_official_checkpoint_loads(tmp_path, head):
     """A checkpoint with only the official keys (epoch/arch/state_dict/optimizer) resumes at its epoch."""
-    path, model = _saved(tmp_path)
+    path, model = _saved(tmp_path, head)
     full = torch.load(path, weights_only=True)
     official = {k: full[k] for k in ("epoch", "arch", "state_dict", "optimizer")}
     torch.save(official, tmp_path / "official.pth")
-    fresh = build_moco(tiny_config(tmp_path, tmp_path))
+    fresh = build_moco(tiny_config(tmp_path, tmp_path, head))
     opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
     point = ckpt_io.load_checkpoint(tmp_path / "official.pth", fresh, opt, "resnet18", iters_per_epoch=4)
     assert (point.epoch, point.start_iter, point.global_step, point.official) == (3, 0, 12, True)

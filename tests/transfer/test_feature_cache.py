@@ -52,6 +52,8 @@ def test_second_run_reuses_cache(tmp_path, shard_calls):
     torch.testing.assert_close(f1, expected)
     assert torch.equal(f1, f2) and torch.equal(y1, data.tensors[1]) and torch.equal(y2, y1)
     assert len(list_entries(tmp_path)) == 1
+    shards, _, _ = get_or_extract(model, data, tmp_path, _parts(model), stream=True, **kw)
+    assert [len(s) for s in shards] == [10, 10, 3] and torch.equal(torch.cat(shards), f1)
 
 
 @pytest.mark.parametrize("change", ["weights", "preprocessing", "dataset", "dtype"])

@@ -131,18 +131,22 @@ def make_rgb_image():
 
 # ----- learning signal: a short MoCo pretraining beats random init -------------------------------
 # Measured on a shared 2-core CPU (see the report of issue 5): MoCo needs a few hundred iterations on
-# this synthetic data before its features pass a random-init ResNet-18's, and the first ~50 make them
-# worse. That is minutes, not seconds, so the test is opt-in: MOCO_LEARNING_SIGNAL=1 pytest -m slow.
+# this synthetic data before its features pass a random-init ResNet-18's (the first ~50 make them
+# worse), i.e. about 5 minutes, not seconds; so the test is opt-in: MOCO_LEARNING_SIGNAL=1 pytest -m slow.
+# The fast probe is reported but not asserted: standardised random ResNet features are a strong linear
+# baseline on this data (seed 0: MoCo 43.5 vs random 42.5), while the protocol's augmented probe separates.
 SIGNAL_PRETRAIN = [
     "data.image_size=32", "data.batch_size=32", "data.workers=0", "data.aug=v1", "model.mlp=false",
     "model.temperature=0.1", "model.momentum=0.99", "model.queue_size=256", "model.shuffle_bn_splits=2",
     "optim.base_lr=0.03", "optim.epochs=60", "run.tensorboard=false", "run.save_every_epochs=1000",
     "monitor.knn_every=0",
 ]
+SIGNAL_TASKS = {"imagenet_knn": [], "imagenet_linear_fast": [],
+                "imagenet_linear": ["optim.epochs=10", "optim.lr_steps=[8]"]}
 
 
 def learning_signal(tmp: Path, seed: int) -> dict:
-    """Pretrain through the public API, then kNN and fast-linear top-1 of MoCo vs random-init weights."""
+    """Pretrain through the public API, then top-1 of each task for the MoCo and the random-init weights."""
     from pretrain.config import load_pretrain_config
     from pretrain.main import main as pretrain_main
     from transfer.weights import load_backbone_weights
@@ -156,9 +160,9 @@ def learning_signal(tmp: Path, seed: int) -> dict:
     out = {}
     for name, spec in (("moco", ckpt), ("random", "random")):
         weights = load_backbone_weights(spec, arch="resnet18")
-        for task in ("imagenet_knn", "imagenet_linear_fast"):
+        for task, overrides in SIGNAL_TASKS.items():
             ctx = _ctx(task, tmp / "data", tmp / name, seed=seed)
-            out[f"{name}_{task}"] = get_task(task).engines["torchvision"](_cfg(task), weights, ctx)["top1"]
+            out[f"{name}_{task}"] = get_task(task).engines["torchvision"](_cfg(task, *overrides), weights, ctx)["top1"]
     return out
 
 
@@ -167,4 +171,4 @@ def learning_signal(tmp: Path, seed: int) -> dict:
 def test_moco_features_beat_random_init(tmp_path):
     r = learning_signal(tmp_path, seed=int(os.environ.get("MOCO_LEARNING_SIGNAL_SEED", 0)))
     assert r["moco_imagenet_knn"] >= r["random_imagenet_knn"] + 5, r
-    assert r["moco_imagenet_linear_fast"] >= r["random_imagenet_linear_fast"] + 5, r
+    assert r["moco_imagenet_linear"] >= r["random_imagenet_linear"] + 5, r

@@ -165,11 +165,11 @@ class SeededViews(Dataset):
             return self.transform(img), label
 
 
-def cached_features(cfg, weights: BackboneWeights, ctx: TrialContext, views: int = 0):
+def cached_features(cfg, weights: BackboneWeights, ctx: TrialContext, views: int = 0, stream: bool = False):
     """Center-crop train/val features and ``views`` augmented train views, through the feature cache.
 
     Returns ``(train_views [(N, D)] * (1 + views), train_labels (N,), val (M, D), val_labels (M,),
-    num_classes, extraction seconds)``.
+    num_classes, extraction seconds)``; ``stream``: the center train features as memory-mapped shards.
     """
     t0 = time.time()
     etf = eval_tf(cfg.data, weights)
@@ -185,7 +185,8 @@ def cached_features(cfg, weights: BackboneWeights, ctx: TrialContext, views: int
               dtype=f.dtype)
     train_fp = dataset_fingerprint(train_ds.samples, train_ds.root)
     train_feats, train_labels, _ = get_or_extract(
-        model, train_ds, ctx.cache_dir, {**base, "dataset": train_fp, "preprocessing": center}, desc="train", **kw)
+        model, train_ds, ctx.cache_dir, {**base, "dataset": train_fp, "preprocessing": center}, desc="train",
+        stream=stream, **kw)
     val_feats, val_labels, _ = get_or_extract(
         model, val_ds, ctx.cache_dir, {**base, "dataset": dataset_fingerprint(val_ds.samples, val_ds.root),
                                        "preprocessing": center}, desc="val", **kw)
@@ -274,19 +275,15 @@ def run_linear_fast(cfg: FastLinearTaskConfig, weights: BackboneWeights, ctx: Tr
     return {**out, "extraction_s": extraction_s, "train_s": time.time() - t0}
 
 
-def _normalize_rows(x: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """L2-normalise rows chunk by chunk, keeping the stored dtype (float16 caches stay half size)."""
-    return torch.cat([F.normalize(x[i:i + chunk].float(), dim=1).to(x.dtype) for i in range(0, len(x), chunk)])
-
-
 @register_engine("imagenet_knn", "torchvision")
 def run_knn(cfg: KnnTaskConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     """One extraction, one top-max(k) search, then scores for every (k, T) of the sweep."""
-    views, labels, val_feats, val_labels, num_classes, extraction_s = cached_features(cfg, weights, ctx)
+    views, labels, val_feats, val_labels, num_classes, extraction_s = cached_features(cfg, weights, ctx, stream=True)
     t0 = time.time()
     val_n = F.normalize(val_feats.float(), dim=1).to(ctx.device)
     ks = sorted({cfg.knn.k, *cfg.knn.ks})
-    sims, idx = knn_topk(_normalize_rows(views[0]), val_n, max(ks), cfg.knn.chunk_size, device=ctx.device)
+    # the train bank streams from the memory-mapped shards, normalised chunk by chunk on the device
+    sims, idx = knn_topk(views[0], val_n, max(ks), cfg.knn.chunk_size, device=ctx.device, normalize_train=True)
     neighbours = labels.to(idx.device)[idx]
     metrics: Dict[str, float] = {}
     for k in ks:
