@@ -149,7 +149,8 @@ def build_feature_backbone(weights: BackboneWeights, device: torch.device) -> nn
 
 class SeededViews(Dataset):
     """``transform`` applied with a per-(view, index) seed: view ``v`` of image ``i`` is the same on
-    every run and rank, so augmented-view features can be cached and extracted in parallel."""
+    every run and rank, so augmented-view features can be cached and extracted in parallel. Reads the
+    images of ``base`` (its own transform is not used)."""
 
     def __init__(self, base: datasets.ImageFolder, transform: Callable, view: int):
         self.base, self.transform, self.view = base, transform, view
@@ -191,11 +192,10 @@ def cached_features(cfg, weights: BackboneWeights, ctx: TrialContext, views: int
         model, val_ds, ctx.cache_dir, {**base, "dataset": dataset_fingerprint(val_ds.samples, val_ds.root),
                                        "preprocessing": center}, desc="val", **kw)
     all_views = [train_feats]
-    raw = datasets.ImageFolder(str(train_ds.root))
     for v in range(1, views + 1):
         pre = {"view": "random_resized_crop+flip", "index": v, "crop": cfg.data.image_size,
                "scale": [f.aug_scale_min, 1.0]}
-        ds = SeededViews(raw, train_tf(cfg.data, weights, f.aug_scale_min), v)
+        ds = SeededViews(train_ds, train_tf(cfg.data, weights, f.aug_scale_min), v)
         feats, _, _ = get_or_extract(model, ds, ctx.cache_dir, {**base, "dataset": train_fp, "preprocessing": pre},
                                      desc=f"train view {v}", **kw)
         all_views.append(feats)
