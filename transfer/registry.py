@@ -34,6 +34,8 @@ class TaskSpec:
     effective: Optional[Callable[[Any, int], Dict[str, Any]]] = None
     # writes this task's small synthetic dataset under a data root (used by tests and --preset smoke)
     make_synthetic: Optional[Callable[[Path], None]] = None
+    # trials the protocol averages over (MoCo: 5 for VOC detection); --trials overrides, smoke runs 1
+    protocol_trials: int = 1
 
     @property
     def config_path(self) -> Path:

@@ -39,8 +39,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="weights name used in results/ (default: from the weights)")
     p.add_argument("--arch", default=None, help="ResNet depth when it cannot be inferred (e.g. with 'random')")
     p.add_argument("--encoder", default="query", choices=("query", "key"), help="which MoCo encoder to transfer")
-    p.add_argument("--tasks", default="voc0712_det", help="comma-separated task names")
-    p.add_argument("--trials", type=int, default=1)
+    p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (every registered task)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="trials per task (default: the protocol's, e.g. 5 for VOC; 1 with --preset smoke)")
     p.add_argument("--engine", default="auto", choices=("auto", "torchvision", "detectron2"))
     p.add_argument("--preset", default="full", choices=PRESETS)
     p.add_argument("--data-root", type=Path, default=None)
@@ -59,10 +60,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     dist.init_distributed(device)
     setup_logging(args.output / "run_all.log")
     try:
-        tasks = [t for t in args.tasks.split(",") if t]
         known = load_builtin_tasks()
+        tasks = sorted(known) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
         unknown = [t for t in tasks if t not in known]
-        if unknown or args.trials < 1:
+        if unknown or (args.trials is not None and args.trials < 1):
             log.error("unknown tasks %s (known: %s) or --trials < 1", unknown, ", ".join(sorted(known)))
             return 2
         from transfer.weights import load_backbone_weights

@@ -41,7 +41,7 @@ SMOKE_DIR = "smoke"
 @dataclass
 class SuiteOptions:
     tasks: Sequence[str]
-    trials: int = 1
+    trials: Optional[int] = None  # None: the task's protocol_trials (full preset) or 1 (smoke preset)
     engine: str = "auto"  # auto | torchvision | detectron2
     preset: str = "full"
     output: Path = Path("results")
@@ -192,6 +192,13 @@ def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOpt
     return record
 
 
+def num_trials(spec: TaskSpec, opts: SuiteOptions) -> int:
+    """``--trials`` when given, else the protocol's count (full preset) or 1 (smoke preset)."""
+    if opts.trials is not None:
+        return opts.trials
+    return spec.protocol_trials if opts.preset == "full" else 1
+
+
 def run_suite(weights: BackboneWeights, opts: SuiteOptions, device: torch.device) -> List[dict]:
     """Every selected task x trial; returns the records (rank 0 has the metrics)."""
     data_root = default_data_root(opts)
@@ -207,7 +214,7 @@ def run_suite(weights: BackboneWeights, opts: SuiteOptions, device: torch.device
             cfg_error = f"{type(e).__name__}: {e}"
             log.error("%s: %s", name, cfg_error)
         base_seed = opts.seed if opts.seed is not None else int(getattr(cfg, "seed", 0) or 0)
-        for trial in range(opts.trials):
+        for trial in range(num_trials(spec, opts)):
             records.append(run_trial(spec, cfg, weights, opts, trial, base_seed + trial, data_root, device,
                                      setup_error=cfg_error))
     return records

@@ -12,7 +12,7 @@ from transfer import engine_utils as eu
 from transfer.data.synthetic_voc import make_vocdevkit
 from transfer.registry import get_task
 from transfer.run_all import main
-from transfer.runner import config_path, resolve_engine
+from transfer.runner import SuiteOptions, config_path, num_trials, resolve_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 # the smoke preset, shrunk further so that a run takes seconds
@@ -52,6 +52,14 @@ def test_configs_and_engine_resolution():
 
 
 @pytest.mark.slow
+def test_trials_default_to_the_protocol():
+    voc, knn = get_task("voc0712_det"), get_task("imagenet_knn")
+    assert num_trials(voc, SuiteOptions(tasks=["voc0712_det"])) == 5  # MoCo: VOC is the mean of 5 trials
+    assert num_trials(knn, SuiteOptions(tasks=["imagenet_knn"])) == 1
+    assert num_trials(voc, SuiteOptions(tasks=["voc0712_det"], preset="smoke")) == 1
+    assert num_trials(voc, SuiteOptions(tasks=["voc0712_det"], trials=2)) == 2
+
+
 def test_smoke_suite_end_to_end(tmp_path):
     data = tmp_path / "data"
     make_vocdevkit(data / "VOCdevkit", seed=0, trainval_2007=4, test_2007=3, trainval_2012=2, image_size=(96, 72))

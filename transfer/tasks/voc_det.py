@@ -93,7 +93,8 @@ for _name, _file, _desc in (
     ("voc07_det", "voc07_det.yaml", "Faster R-CNN R50-C4 on VOC07 trainval -> VOC07 test, 9k iters"),
 ):
     register_task(TaskSpec(name=_name, family="detection", schema=VOCDetConfig, config_file=_file,
-                           description=_desc, effective=effective, make_synthetic=make_synthetic))
+                           description=_desc, effective=effective, make_synthetic=make_synthetic,
+                           protocol_trials=5))  # "mean of 5 trials" (MoCo, Sec. 4.2 / detection README)
 
 
 def _train_step(model: torch.nn.Module, batch, device: torch.device) -> Dict[str, torch.Tensor]:
