@@ -13,8 +13,7 @@ PYTHON="${PYTHON:-python}"
 TASKS="${TASKS:-voc07_det,imagenet_linear,imagenet_linear_fast,imagenet_knn}"
 DATA="$OUT/data"
 
-"$PYTHON" tools/make_synthetic_data.py --root "$DATA" --kinds imagenet \
-  --image-size 32 --train-per-class 20 --val-per-class 20
+"$PYTHON" tools/make_synthetic_data.py --root "$DATA" --kinds imagenet
 "$PYTHON" tools/train_moco.py --config configs/pretrain/smoke.yaml --resume auto \
   data.root="$DATA/imagenet" monitor.knn_train="$DATA/imagenet/train" monitor.knn_val="$DATA/imagenet/val" \
   run.output_dir="$OUT/pretrain"

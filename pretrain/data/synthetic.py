@@ -117,12 +117,16 @@ def _jpeg_bytes(img: Image.Image) -> bytes:
 def make_imagenet_folders(
     root: str | Path,
     num_classes: int = 10,
-    train_per_class: int = 40,
-    val_per_class: int = 10,
-    image_size: int = 64,
+    train_per_class: int = 20,
+    val_per_class: int = 20,
+    image_size: int = 32,
     seed: int = 0,
 ) -> Path:
-    """Write ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``; returns ``root``."""
+    """Write ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``; returns ``root``.
+
+    The defaults are the smoke preset's data, for pretraining (``configs/pretrain/smoke.yaml``) and
+    for the ImageNet transfer tasks alike: on it a 600-iteration MoCo run beats random init.
+    """
     root = Path(root)
     rng = random.Random(seed)
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):

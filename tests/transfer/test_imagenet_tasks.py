@@ -136,7 +136,7 @@ def make_rgb_image():
 # Measured, seeds 0/1/2 (MoCo vs random top-1): kNN 44.0/29.0, 42.0/33.5, 53.5/33.5; linear protocol
 # 37.0/23.0, 45.5/24.5, 54.0/29.0. At 60 epochs the kNN margin of seed 1 was only 3.5 points.
 SIGNAL_PRETRAIN = ["data.workers=0", "run.tensorboard=false", "run.save_every_epochs=1000", "monitor.knn_every=0"]
-SIGNAL_TASKS = {"imagenet_knn": [], "imagenet_linear": ["optim.epochs=10", "optim.lr_steps=[8]"]}
+SIGNAL_TASKS = ("imagenet_knn", "imagenet_linear")  # their smoke presets, as tools/smoke.sh runs them
 
 
 def learning_signal(tmp: Path, seed: int) -> dict:
@@ -145,8 +145,7 @@ def learning_signal(tmp: Path, seed: int) -> dict:
     from pretrain.main import main as pretrain_main
     from transfer.weights import load_backbone_weights
 
-    root = make_imagenet_folders(tmp / "data" / "imagenet", num_classes=10, train_per_class=20, val_per_class=20,
-                                 image_size=32, seed=seed)
+    root = make_imagenet_folders(tmp / "data" / "imagenet", seed=seed)  # the smoke preset's data
     cfg = load_pretrain_config(Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "smoke.yaml",
                                [f"data.root={root}", f"run.output_dir={tmp / 'pretrain'}", f"run.seed={seed}",
                                 *SIGNAL_PRETRAIN])
@@ -154,9 +153,9 @@ def learning_signal(tmp: Path, seed: int) -> dict:
     out = {}
     for name, spec in (("moco", ckpt), ("random", "random")):
         weights = load_backbone_weights(spec, arch="resnet18")
-        for task, overrides in SIGNAL_TASKS.items():
+        for task in SIGNAL_TASKS:
             ctx = _ctx(task, tmp / "data", tmp / name, seed=seed)
-            out[f"{name}_{task}"] = get_task(task).engines["torchvision"](_cfg(task, *overrides), weights, ctx)["top1"]
+            out[f"{name}_{task}"] = get_task(task).engines["torchvision"](_cfg(task), weights, ctx)["top1"]
     return out
 
 
