@@ -115,7 +115,9 @@ def _sync_bn_worker(rank: int, world: int, init_file: str, x: torch.Tensor, queu
         part = x.chunk(world)[rank].clone().requires_grad_(True)
         y = bn(part)
         (y * torch.arange(1.0, 4.0).reshape(1, 3, 1, 1)).sum().backward()
-        queue.put((rank, y.detach(), part.grad, bn.running_mean.clone()))
+        # numpy arrays travel by value: a tensor would travel as a shared-memory handle that the parent
+        # may try to open after this process has exited (ConnectionResetError under load)
+        queue.put((rank, y.detach().numpy(), part.grad.numpy(), bn.running_mean.numpy()))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -137,11 +139,11 @@ def test_naive_sync_bn_matches_bn_on_the_whole_batch(tmp_path):
     ref_bn, ref_x = torch.nn.BatchNorm2d(3), x.clone().requires_grad_(True)
     ref = ref_bn(ref_x)
     (ref * torch.arange(1.0, 4.0).reshape(1, 3, 1, 1)).sum().backward()
-    y = torch.cat([r[1] for r in results])
-    grad = torch.cat([r[2] for r in results])
+    y = torch.cat([torch.from_numpy(r[1]) for r in results])
+    grad = torch.cat([torch.from_numpy(r[2]) for r in results])
     assert torch.allclose(y, ref.detach(), atol=1e-5)
     assert torch.allclose(grad, ref_x.grad, atol=1e-4)
-    assert torch.allclose(results[0][3], ref_bn.running_mean, atol=1e-5)
+    assert torch.allclose(torch.from_numpy(results[0][3]), ref_bn.running_mean, atol=1e-5)
 
 
 def test_grouped_batches_share_orientation():
