@@ -63,7 +63,9 @@ def train_one_epoch(
     """
     model.train()
     use_cuda = device.type == "cuda"
-    sums = {"loss": 0.0, "acc1": 0.0}
+    # running sums of (loss, contrastive top-1) stay on the device and are read only when logging:
+    # a host sync every step would stall the GPU queue behind each step
+    sums = torch.zeros(2, device=device)
     skipped = 0
     n = 0
     t0 = time.perf_counter()
@@ -78,10 +80,8 @@ def train_one_epoch(
         im_q = im_q.to(device, non_blocking=True, memory_format=fmt)
         im_k = im_k.to(device, non_blocking=True, memory_format=fmt)
         loss_t, logits = train_step(model, optimizer, im_q, im_k, amp_bf16)
-        # one host sync per step is cheap next to a ResNet step and keeps the numbers exact
-        sums["loss"] += float(loss_t)
-        sums["acc1"] += contrastive_top1(logits)
-        skipped += int(skip.sum())
+        sums += torch.stack([loss_t.float(), (logits.argmax(dim=1) == 0).float().mean()])
+        skipped += int(skip.sum())  # a CPU tensor from the loader: no device sync
         n += 1
         it += 1
         global_step += 1
@@ -89,7 +89,8 @@ def train_one_epoch(
         if n % log_every == 0 or n == num_iters:
             elapsed = time.perf_counter() - t0
             ips = n * im_q.shape[0] * dist.world_size() / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{sums['loss'] / n:.3f}", acc1=f"{sums['acc1'] / n:.3f}", lr=f"{lr:.4g}")
+            loss_avg, acc1_avg = (sums / n).tolist()
+            bar.set_postfix(loss=f"{loss_avg:.3f}", acc1=f"{acc1_avg:.3f}", lr=f"{lr:.4g}")
             log.info("epoch %d iter %d step %d: loss %.4f acc1 %.3f lr %.5g %.1f img/s", epoch, it, global_step,
                      float(loss_t), contrastive_top1(logits), lr, ips)
             if writer is not None:
@@ -104,9 +105,10 @@ def train_one_epoch(
     skipped_all = int(round(dist.all_reduce_mean(float(skipped)) * dist.world_size()))
     if skipped_all:
         log.warning("epoch %d: skipped %d unreadable image(s)", epoch, skipped_all)
+    loss_avg, acc1_avg = (sums / max(n, 1)).tolist()
     stats = {
-        "loss": dist.all_reduce_mean(sums["loss"] / max(n, 1)),
-        "contrastive_top1": dist.all_reduce_mean(sums["acc1"] / max(n, 1)),
+        "loss": dist.all_reduce_mean(loss_avg),
+        "contrastive_top1": dist.all_reduce_mean(acc1_avg),
         "lr": optimizer.param_groups[0]["lr"],
         "iterations": n,
         "skipped_images": skipped_all,
