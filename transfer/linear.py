@@ -132,7 +132,7 @@ def train_linear(
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
         net.eval()  # frozen BN statistics: the model is never put in train mode (main_lincls.py)
-        loss_sum, n = 0.0, 0
+        loss_sum, n = torch.zeros((), device=device), 0  # on the device: no host sync per step
         bar = tqdm(train_loader, desc=f"linear epoch {epoch}", disable=not dist.is_main(), leave=False)
         for images, target in bar:
             target = target.to(device, non_blocking=True)
@@ -140,9 +140,9 @@ def train_linear(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.item() * len(target)
+            loss_sum += loss.detach() * len(target)
             n += len(target)
-        history.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": loss_sum / max(n, 1)})
+        history.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(loss_sum) / max(n, 1)})
         last = epoch + 1 == optim.epochs
         if last or (optim.eval_every > 0 and (epoch + 1) % optim.eval_every == 0):
             metrics = evaluate(model, val_loader, device)
