@@ -71,7 +71,6 @@ def train_one_epoch(
     t0 = time.perf_counter()
     bar = tqdm(total=num_iters, desc=f"epoch {epoch}", disable=not dist.is_main(), leave=False, dynamic_ncols=True)
     it = start_iter
-    loss_t = torch.zeros((), device=device)
     for _, (im_q, im_k, skip) in zip(range(num_iters), batches):
         lr = lr_fn(epoch, global_step)
         for group in optimizer.param_groups:

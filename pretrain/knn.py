@@ -19,13 +19,11 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
+from pretrain.data.augment import IMAGENET_MEAN, IMAGENET_STD  # torchvision / MoCo normalisation, 0-1 scale
 from pretrain.utils import dist
 
 log = logging.getLogger(__name__)
 
-# torchvision / MoCo normalisation on the 0-1 scale (the 0-255 values divided by 255)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # ImageNet evaluation: Resize(256) + CenterCrop(224), i.e. resize to 8/7 of the crop size
 EVAL_RESIZE_RATIO = 256 / 224
 

@@ -21,6 +21,14 @@ class WeightLoadError(RuntimeError):
     """The backbone weights did not fill the backbone exactly."""
 
 
+def require_torchvision_layout(weights: BackboneWeights) -> None:
+    """torchvision's Bottleneck puts the stride in the 3x3 conv: caffe2-style (MSRA) weights, which need it
+    in the 1x1 conv, would load without error and be silently wrong, so they are refused here."""
+    if weights.stride_in_1x1:
+        raise ValueError(f"weights {weights.name!r} need stride_in_1x1=True (MSRA caffe2 layout), which "
+                         "torchvision ResNets cannot do; convert torchvision-layout weights instead")
+
+
 def build_resnet(arch: str) -> torchvision.models.ResNet:
     """A randomly initialised torchvision ResNet (``weights=None``: no downloads) with trainable BN."""
     if not arch.startswith(("resnet", "resnext", "wide_resnet")):

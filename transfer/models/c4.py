@@ -36,7 +36,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from transfer.models.backbone import (assert_exact_load, build_resnet, check_shapes, remap_resnet_keys,
-                                      resnet_stage_channels)
+                                      require_torchvision_layout, resnet_stage_channels)
 from transfer.weights import BackboneWeights
 
 # where each torchvision ResNet stage lives in the detector
@@ -243,9 +243,7 @@ def load_c4_weights(model: nn.Module, weights: BackboneWeights) -> None:
     """Copy the backbone tensors into trunk and res5; assert that exactly the heads were not loaded."""
     if weights.state_dict is None:
         return  # random init baseline
-    if weights.stride_in_1x1:
-        # torchvision's Bottleneck puts the stride in the 3x3 conv; caffe2-style weights would be wrong silently
-        raise ValueError(f"weights {weights.name!r} need stride_in_1x1=True, which torchvision ResNets cannot do")
+    require_torchvision_layout(weights)
     sd = remap_resnet_keys(weights.state_dict, C4_KEY_MAP)
     check_shapes(model.state_dict(), sd)
     msg = model.load_state_dict(sd, strict=False)

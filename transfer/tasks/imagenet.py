@@ -28,7 +28,7 @@ from pretrain.utils.io import atomic_write_json
 from transfer.context import TrialContext
 from transfer.feature_cache import dataset_fingerprint, get_or_extract, state_digest
 from transfer.linear import LinearOptimConfig, attach_linear_head, probe_with_wd_sweep, train_linear
-from transfer.models.backbone import build_resnet, load_resnet_weights
+from transfer.models.backbone import build_resnet, load_resnet_weights, require_torchvision_layout
 from transfer.registry import TaskSpec, register_engine, register_task
 from transfer.weights import BackboneWeights
 
@@ -100,9 +100,7 @@ class _ToBGR:
 
 
 def _to_tensor(weights: BackboneWeights) -> List[Callable]:
-    if weights.stride_in_1x1:
-        raise ValueError(f"{weights.name}: stride_in_1x1=True (MSRA caffe2 layout) has no torchvision ResNet "
-                         "equivalent; the ImageNet tasks need torchvision-layout weights")
+    require_torchvision_layout(weights)
     tf: List[Callable] = [transforms.ToTensor()]
     if weights.input_format.upper() == "BGR":
         tf.append(_ToBGR())
