@@ -28,7 +28,7 @@ from pretrain.utils.dist import select_device  # noqa: E402
 from pretrain.utils.io import atomic_write_json  # noqa: E402
 from transfer.context import TrialContext  # noqa: E402
 from transfer.registry import get_task  # noqa: E402
-from transfer.weights import load_backbone_weights  # noqa: E402
+from transfer.weights.resolve import load_backbone_weights  # noqa: E402
 
 TASKS = ("imagenet_linear", "imagenet_linear_fast")
 

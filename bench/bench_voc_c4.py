@@ -15,9 +15,9 @@ import torch
 
 from pretrain.utils.dist import select_device
 from pretrain.utils.env import collect_env
-from transfer.engine_utils import build_sgd
-from transfer.models.c4 import C4Config, InputConfig, build_faster_rcnn_c4
-from transfer.weights import BackboneWeights
+from transfer.engines.torchvision.detection.loop import build_sgd
+from transfer.engines.torchvision.detection.c4 import C4Config, InputConfig, build_faster_rcnn_c4
+from transfer.weights.resolve import BackboneWeights
 
 
 def make_batch(batch: int, size: int, device: torch.device, seed: int = 0):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import List, Sequence
 
 from pretrain.utils.config import ConfigError, load_config
 
@@ -53,7 +53,7 @@ class OptimConfig:
     schedule: str = "step"  # "step" | "cosine" | "exp_step"
     epochs: int = 200  # epoch-based schedules (folder data)
     iterations: int = 0  # > 0: iteration-based run (IG-1B); epochs are then ignored
-    steps: tuple[int, ...] = (120, 160)  # step schedule: epochs at which lr *= 0.1
+    steps: List[int] = field(default_factory=lambda: [120, 160])  # step schedule: epochs at which lr *= 0.1
     exp_gamma: float = 0.9  # exp_step: lr *= gamma every exp_every iterations (IG-1B recipe)
     exp_every: int = 62500
 

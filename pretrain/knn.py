@@ -10,63 +10,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision import datasets, transforms
 from tqdm import tqdm
 
-from pretrain.data.augment import IMAGENET_MEAN, IMAGENET_STD  # torchvision / MoCo normalisation, 0-1 scale
+from pretrain.data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform  # MoCo normalisation, 0-1 scale
+from pretrain.data.folder import DatasetLayoutError, LabelledImages
 from pretrain.utils import dist
 
 log = logging.getLogger(__name__)
-
-# ImageNet evaluation: Resize(256) + CenterCrop(224), i.e. resize to 8/7 of the crop size
-EVAL_RESIZE_RATIO = 256 / 224
-
-
-class DatasetLayoutError(ValueError):
-    """An image folder is missing or not split into one sub-folder per class."""
-
-
-def eval_transform(
-    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> Callable:
-    """Resize(image_size * 256/224) + CenterCrop(image_size) + normalise (mean/std on the 0-1 scale)."""
-    return transforms.Compose([
-        transforms.Resize(int(round(image_size * EVAL_RESIZE_RATIO))),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
-
-
-def class_folder_dataset(root: str | Path, transform: Optional[Callable] = None) -> datasets.ImageFolder:
-    """``torchvision.datasets.ImageFolder`` over ``root/<wnid>/*.JPEG`` with clear layout errors.
-
-    The ImageNet val tarball unpacks flat (50k JPEGs, no class folders); that layout is refused with
-    a message saying so rather than ImageFolder's generic "Couldn't find any class folder".
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetLayoutError(f"image folder not found: {root}")
-    subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in datasets.folder.IMG_EXTENSIONS]
-    if loose or not subdirs:
-        what = f"{len(loose)} images directly inside it" if loose else "no class sub-folders"
-        raise DatasetLayoutError(
-            f"{root} is not split into class folders ({what}); expected {root}/<wnid>/<image>.JPEG. "
-            "For ImageNet val, move the images into per-class folders (e.g. with the official "
-            "valprep.sh script) first."
-        )
-    try:
-        return datasets.ImageFolder(str(root), transform=transform)
-    except FileNotFoundError as e:
-        raise DatasetLayoutError(f"{root}: {e}") from None
-
 
 @torch.no_grad()
 def extract_features(
@@ -194,7 +150,7 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
 
 
 def _loader(root: Path, image_size: int, batch_size: int, workers: int, mean, std) -> DataLoader:
-    ds = class_folder_dataset(root, eval_transform(image_size, mean, std))
+    ds = LabelledImages(root, eval_transform(image_size, mean=mean, std=std))
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=False)
 
 

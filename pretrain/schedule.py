@@ -1,4 +1,7 @@
-"""Learning-rate schedules as pure functions of progress (no optimizer state, no side effects)."""
+"""Learning-rate schedules as pure functions of progress (no optimizer state, no side effects).
+
+Shared by pretraining and the transfer stage (linear probe: :func:`step_lr`; detection:
+:func:`warmup_multistep_lr`)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +11,18 @@ from typing import Sequence
 def step_lr(base: float, epoch: float, steps: Sequence[int], gamma: float = 0.1) -> float:
     """MoCo v1: lr x0.1 at each epoch in ``steps`` (120 and 160 of 200, Sec. 4)."""
     return base * gamma ** sum(epoch >= s for s in steps)
+
+
+def warmup_multistep_lr(it: int, base_lr: float, steps: Sequence[int], gamma: float = 0.1,
+                        warmup_iters: int = 0, warmup_factor: float = 0.001) -> float:
+    """Detectron2's ``WarmupMultiStepLR`` (the transfer stage's detection schedule): :func:`step_lr` over
+    0-based iterations, times a linear warmup factor ``warmup_factor * (1 - a) + a``, ``a = it / warmup_iters``,
+    during the first ``warmup_iters`` iterations."""
+    lr = step_lr(base_lr, it, steps, gamma)
+    if it < warmup_iters:
+        alpha = it / warmup_iters
+        lr *= warmup_factor * (1 - alpha) + alpha
+    return lr
 
 
 def cosine_lr(base: float, progress: float) -> float:

@@ -15,8 +15,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from transfer.checkpoint_files import FORMATS, convert_file, format_report
-from transfer.conversion import ARCHS
+from transfer.weights.files import FORMATS, convert_file, format_report
+from transfer.weights.conversion import ARCHS
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -29,7 +29,7 @@ def main() -> None:
         paths = make_tar_shards(a.root / "shards", num_classes=a.num_classes, image_size=a.image_size, seed=a.seed)
         print(f"wrote {len(paths)} shards under {a.root / 'shards'}")
     if "voc" in kinds:
-        from transfer.data.synthetic_voc import make_vocdevkit  # written by the transfer stage
+        from transfer.data.synthetic.voc import make_vocdevkit  # written by the transfer stage
 
         make_vocdevkit(a.root / "VOCdevkit", seed=a.seed)
         print(f"wrote {a.root / 'VOCdevkit'}")

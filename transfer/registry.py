@@ -1,41 +1,64 @@
 """A flat registry of transfer tasks.
 
-A task is a name, a config schema and YAML file (the paper's full schedule), and one callable per
-*engine* (``torchvision`` built in, ``detectron2`` when importable). Every engine returns a flat
-``{metric: float}`` dict; the runner, not the task, writes results to disk.
+A task is a :class:`TaskSpec`: what is measured (name, family, config schema and YAML files, the
+datasets it reads, its headline metrics, which published numbers stand for it, how many trials the
+protocol averages, a synthetic-data maker), written in ``transfer/tasks/``. Engines
+(``transfer/engines/<engine>/``) add their implementation with :func:`register_engine`; every
+implementation returns a flat ``{metric: float}`` dict and the runner, not the task, writes results.
+The runner and the report read everything task-specific from here: adding a task edits neither.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 if TYPE_CHECKING:
     from transfer.context import TrialContext
-    from transfer.weights import BackboneWeights
+    from transfer.weights.resolve import BackboneWeights
 
 # engine(cfg, weights, ctx) -> {"AP50": 81.2, ...}
 EngineFn = Callable[[Any, "BackboneWeights", "TrialContext"], Dict[str, float]]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "transfer"
 ENGINES = ("torchvision", "detectron2")
+# the report's table order: the paper's Table 2/5/6 families first, classification (Table 1) last
+FAMILY_ORDER = ("detection", "instance_segmentation", "keypoints", "dense_pose", "semantic_segmentation",
+                "classification")
+
+
+@dataclass(frozen=True)
+class PublishedRows:
+    """Which rows of ``results/reference/moco_published.csv`` were produced with this task's protocol.
+
+    ``metrics`` maps a CSV metric name to the suite's (``"<metric>:std"`` marks a standard deviation).
+    """
+
+    ref_task: str  # the CSV's ``task`` column
+    backbone: str  # the CSV's ``backbone`` column
+    tables: Tuple[str, ...]  # the CSV's ``table`` values kept, in display order (first copy of a repeat wins)
+    metrics: Dict[str, str]
+    note: str = ""  # a caveat printed under the table
 
 
 @dataclass
 class TaskSpec:
     name: str
-    family: str  # groups tables: "detection", "segmentation", "classification", ...
-    schema: type  # dataclass of the task's config
-    config_file: str  # under configs/transfer/, the paper's full schedule
-    engines: Dict[str, EngineFn] = field(default_factory=dict)
+    family: str  # one of FAMILY_ORDER: groups the report's tables
+    schema: type  # frozen dataclass of the task's config
+    config_file: str  # under configs/transfer/ (the paper's schedule) and configs/transfer/smoke/
+    metrics: Tuple[str, ...]  # headline metrics, in the paper's column order; others go to tables.csv only
+    datasets: Tuple[str, ...] = ()  # what it reads below --data-root, for error messages and the docs
     description: str = ""
-    # (cfg, world_size) -> {"batch_size", "base_lr", "iterations" or "epochs", ...} as actually run;
-    # recorded with every result so that runs of different protocols are never averaged together.
+    # (cfg, world_size) -> the values as actually run, only those that exist for the task (batch, lr,
+    # iterations or epochs, ...); recorded with every result, never used to rescale anything
     effective: Optional[Callable[[Any, int], Dict[str, Any]]] = None
-    # writes this task's small synthetic dataset under a data root (used by tests and --preset smoke)
+    # writes this task's small synthetic dataset under a data root (tests and --preset smoke)
     make_synthetic: Optional[Callable[[Path], None]] = None
     # trials the protocol averages over (MoCo: 5 for VOC detection); --trials overrides, smoke runs 1
     protocol_trials: int = 1
+    published: Tuple[PublishedRows, ...] = ()
+    engines: Dict[str, EngineFn] = field(default_factory=dict)
 
     @property
     def config_path(self) -> Path:
@@ -48,6 +71,8 @@ TASKS: Dict[str, TaskSpec] = {}
 def register_task(spec: TaskSpec) -> TaskSpec:
     if spec.name in TASKS:
         raise ValueError(f"transfer task {spec.name!r} is already registered")
+    if spec.family not in FAMILY_ORDER:
+        raise ValueError(f"task {spec.name!r}: unknown family {spec.family!r}; known: {FAMILY_ORDER}")
     TASKS[spec.name] = spec
     return spec
 
@@ -58,7 +83,9 @@ def register_engine(task: str, engine: str) -> Callable[[EngineFn], EngineFn]:
         raise ValueError(f"unknown engine {engine!r}; known: {ENGINES}")
 
     def deco(fn: EngineFn) -> EngineFn:
-        spec = get_task(task)
+        spec = TASKS.get(task)
+        if spec is None:
+            raise KeyError(f"engine {engine!r} implements unknown task {task!r}")
         if engine in spec.engines:
             raise ValueError(f"task {task!r} already has a {engine!r} engine")
         spec.engines[engine] = fn
@@ -67,16 +94,29 @@ def register_engine(task: str, engine: str) -> Callable[[EngineFn], EngineFn]:
     return deco
 
 
+class UnknownTaskError(KeyError):
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
 def get_task(name: str) -> TaskSpec:
     load_builtin_tasks()
     try:
         return TASKS[name]
     except KeyError:
-        raise KeyError(f"unknown transfer task {name!r}; known: {', '.join(sorted(TASKS))}") from None
+        raise UnknownTaskError(f"unknown transfer task {name!r}; known: {', '.join(TASKS)}") from None
+
+
+def task_order() -> Tuple[str, ...]:
+    """Every registered task, by family (``FAMILY_ORDER``) and then registration order."""
+    load_builtin_tasks()
+    return tuple(sorted(TASKS, key=lambda t: FAMILY_ORDER.index(TASKS[t].family)))
 
 
 def load_builtin_tasks() -> Dict[str, TaskSpec]:
-    """Import the task modules so that they register themselves."""
+    """Import the task specs, then the engines that can run here, so that they register themselves."""
     import transfer.tasks  # noqa: F401  (registration side effect)
+    from transfer.engines import load_engines
 
+    load_engines()
     return TASKS

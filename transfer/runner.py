@@ -5,10 +5,14 @@ Results layout (read by ``transfer.report``)::
     OUTPUT/<weights-name>/<task>/trial<k>/{metrics.json, config.yaml, env.json[, error.log, tensorboard/]}
 
 ``metrics.json`` is written last and atomically, so its presence with ``status: ok`` marks a finished
-trial, which a rerun skips (and refuses to overwrite when the config, preset or seed differ). A failing
-trial is recorded (``status: failed``, the error, a traceback in ``error.log``) and the suite goes on. Trials differ only by seed (``seed + trial``). Batch size, lr and
-iterations are never rescaled: the engine runs what the config says and the effective values are
-recorded with every result.
+trial, which a rerun skips (and refuses to overwrite when the protocol, preset or seed differ). A result's
+protocol identity (``protocol_hash``) hashes the config fields that change results; fields declared with
+``run_setting`` (workers, log periods, chunk and eval batch sizes, paths) are left out, so a rerun with
+another worker count continues the same trials and two machines' trials average together. A failing
+trial is recorded (``status: failed``, the error, a traceback in ``error.log``) and the suite goes on.
+Trials differ only by seed (``seed + trial``). Batch size, lr and iterations are never rescaled: the
+engine runs what the config says and the effective values are recorded with every result. Each trial
+logs to its own ``log.txt`` as well as to the suite's log.
 """
 from __future__ import annotations
 
@@ -25,12 +29,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from pretrain.utils import dist
-from pretrain.utils.config import config_hash, config_to_yaml, load_config
+from pretrain.utils.config import ConfigError, config_to_yaml, load_config, protocol_hash
 from pretrain.utils.env import collect_env
 from pretrain.utils.io import atomic_write_json, atomic_write_text
 from transfer.context import TrialContext
-from transfer.registry import TaskSpec, get_task
-from transfer.weights import BackboneWeights
+from transfer.engines import detectron2 as d2_engine
+from transfer.registry import TASKS, TaskSpec, get_task, load_builtin_tasks
+from transfer.weights.resolve import BackboneWeights
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +55,12 @@ class SuiteOptions:
     overrides: Sequence[str] = field(default_factory=tuple)
 
 
-def detectron2_available() -> bool:
-    try:
-        import detectron2  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_engine(spec: TaskSpec, requested: str) -> str:
     """``auto``: detectron2 when importable and implemented for the task, else the built-in torchvision engine."""
     if requested == "auto":
-        return "detectron2" if "detectron2" in spec.engines and detectron2_available() else "torchvision"
-    if requested == "detectron2" and not detectron2_available():
-        raise RuntimeError("--engine detectron2 was requested but detectron2 is not importable; install it "
-                           "(README, 'Detectron2 engine') or use --engine torchvision / auto")
+        return "detectron2" if "detectron2" in spec.engines and d2_engine.available() else "torchvision"
+    if requested == "detectron2" and not d2_engine.available():
+        raise RuntimeError(f"--engine detectron2 was requested but detectron2 is not importable: {d2_engine.INSTALL_HINT}")
     if requested not in spec.engines:
         raise RuntimeError(f"task {spec.name!r} has no {requested!r} engine (it has: {sorted(spec.engines)})")
     return requested
@@ -75,6 +71,56 @@ def config_path(spec: TaskSpec, preset: str) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {PRESETS}")
     return spec.config_path if preset == "full" else spec.config_path.parent / SMOKE_DIR / spec.config_file
+
+
+def _schema_has(schema: type, dotted: str) -> bool:
+    """Whether the config dataclass ``schema`` has the (nested) field ``a.b.c``."""
+    node: Any = schema
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node):
+            return False
+        hit = {f.name: f for f in dataclasses.fields(node)}.get(part)
+        if hit is None:
+            return False
+        node = hit.type if dataclasses.is_dataclass(hit.type) else _field_type(node, part)
+    return True
+
+
+def _field_type(cls: type, name: str) -> Any:
+    import typing
+
+    return typing.get_type_hints(cls).get(name)
+
+
+def route_overrides(tasks: Sequence[str], overrides: Sequence[str]) -> Dict[str, List[str]]:
+    """Split ``key=value`` overrides per task.
+
+    ``<task>.a.b=v`` goes to that task only (as ``a.b=v``); an un-prefixed ``a.b=v`` goes to every
+    selected task whose config has ``a.b``. An override that no selected task accepts is an error naming
+    the tasks and the key, raised before anything runs.
+    """
+    load_builtin_tasks()
+    routed: Dict[str, List[str]] = {t: [] for t in tasks}
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"overrides must look like key=value, got {item!r}")
+        head, _, rest = key.partition(".")
+        if head in TASKS:
+            if head not in routed:
+                raise ConfigError(f"override {item!r} is for task {head!r}, which is not selected "
+                                  f"(selected: {', '.join(tasks)})")
+            if not _schema_has(TASKS[head].schema, rest):
+                raise ConfigError(f"override {item!r}: task {head!r} has no config key {rest!r}")
+            routed[head].append(f"{rest}={value}")
+            continue
+        takers = [t for t in tasks if _schema_has(TASKS[t].schema, key)]
+        if not takers:
+            raise ConfigError(f"override {item!r}: no selected task has the config key {key!r} "
+                              f"(selected: {', '.join(tasks)}); prefix it with a task name to target one task")
+        for t in takers:
+            routed[t].append(item)
+    return routed
 
 
 def default_data_root(opts: SuiteOptions) -> Path:
@@ -122,12 +168,11 @@ def _previous_state(metrics_file: Path, want_hash: Optional[str], preset: str, s
     if dist.is_main():
         rec = _read_json(metrics_file)
         if rec is not None and rec.get("status") == "ok":
-            same = want_hash is not None and (rec.get("config_hash"), rec.get("preset"), rec.get("seed")) == \
+            same = want_hash is not None and (rec.get("protocol_hash"), rec.get("preset"), rec.get("seed")) == \
                 (want_hash, preset, seed)
             state[0] = DONE if same else CONFLICT
     if dist.world_size() > 1:
-        device = torch.device("cuda", dist.local_rank()) if torch.distributed.get_backend() == "nccl" else "cpu"
-        state = dist.broadcast_tensor(state.to(device)).cpu()
+        state = dist.broadcast_tensor(state.to(dist.backend_device())).cpu()
     return int(state[0])
 
 
@@ -138,14 +183,14 @@ def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOpt
     metrics_file = out_dir / "metrics.json"
     if cfg is not None:
         cfg = _with_seed(cfg, seed)
-    want_hash = config_hash(cfg, exclude=("seed",)) if cfg is not None else None
+    want_hash = protocol_hash(cfg) if cfg is not None else None
     state = _previous_state(metrics_file, want_hash, opts.preset, seed)
     if state == DONE:
         log.info("%s trial %d: finished before, skipped (%s)", spec.name, trial, metrics_file)
         rec = _read_json(metrics_file) if dist.is_main() else {}
         return {**(rec or {}), "skipped": True}
     if state == CONFLICT:
-        error = (f"{metrics_file} holds a finished result of another config, preset or seed; not overwritten "
+        error = (f"{metrics_file} holds a finished result of another protocol, preset or seed; not overwritten "
                  f"(choose another --output or remove that folder)")
         log.error("%s trial %d: %s", spec.name, trial, error)
         return {"status": "failed", "task": spec.name, "trial": trial, "error": error, "skipped": True}
@@ -153,13 +198,14 @@ def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOpt
     record: Dict[str, Any] = {
         "status": "failed", "task": spec.name, "family": spec.family, "weights": weights.name, "trial": trial,
         "seed": seed, "engine": None, "preset": opts.preset, "metrics": {}, "error": None,
-        "config_hash": None, "effective": {}, "weights_info": weights.info(), "wall_time_s": 0.0,
+        "protocol_hash": None, "effective": {}, "weights_info": weights.info(), "wall_time_s": 0.0,
     }
     start = time.time()
+    trial_log = _TrialLog(out_dir / "log.txt")
     try:
         if setup_error is not None or cfg is None:
             raise RuntimeError(setup_error or "the task config could not be loaded")
-        record["config_hash"] = want_hash
+        record["protocol_hash"] = want_hash
         record["effective"] = {
             **(spec.effective(cfg, world) if spec.effective else {}),
             "world_size": world, "num_gpus": world if device.type == "cuda" else 0, "device": device.type,
@@ -179,17 +225,44 @@ def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOpt
         metrics = spec.engines[engine](cfg, weights, ctx)
         record["metrics"] = {k: float(v) for k, v in (metrics or {}).items()}
         record["status"] = "ok"
+        log.info("%s trial %d: %s", spec.name, trial, "  ".join(f"{k} {v:.2f}" for k, v in record["metrics"].items()))
     except Exception as e:  # a task failing must not stop the suite
-        record["error"] = f"{type(e).__name__}: {e}"
+        record["error"] = one_line_error(e)
         log.error("%s trial %d failed: %s", spec.name, trial, record["error"])
         if dist.is_main():
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out_dir / "error.log", traceback.format_exc())
+    finally:
+        trial_log.close()
     record["wall_time_s"] = round(time.time() - start, 3)
     record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if dist.is_main():
         atomic_write_json(metrics_file, record)  # last: its presence marks the trial as finished
     return record
+
+
+def one_line_error(e: BaseException) -> str:
+    """``Type: message`` on one line; a config or layout error is not wrapped twice."""
+    text = " ".join(str(e).split()) or repr(e)
+    name = type(e).__name__
+    return text if text.startswith(f"{name}:") else f"{name}: {text}"
+
+
+class _TrialLog:
+    """Copies the log records of one trial (rank 0) into its ``log.txt``: losses, metrics, errors."""
+
+    def __init__(self, path: Path):
+        self.handler: Optional[logging.Handler] = None
+        if dist.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.handler = logging.FileHandler(path)
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger().addHandler(self.handler)
+
+    def close(self) -> None:
+        if self.handler is not None:
+            logging.getLogger().removeHandler(self.handler)
+            self.handler.close()
 
 
 def num_trials(spec: TaskSpec, opts: SuiteOptions) -> int:
@@ -202,16 +275,17 @@ def num_trials(spec: TaskSpec, opts: SuiteOptions) -> int:
 def run_suite(weights: BackboneWeights, opts: SuiteOptions, device: torch.device) -> List[dict]:
     """Every selected task x trial; returns the records (rank 0 has the metrics)."""
     data_root = default_data_root(opts)
+    routed = route_overrides(opts.tasks, opts.overrides)  # raises before anything runs
     records = []
     for name in opts.tasks:
         spec = get_task(name)
         cfg, cfg_error = None, None
         try:
-            cfg = load_config(spec.schema, config_path(spec, opts.preset), list(opts.overrides))
+            cfg = load_config(spec.schema, config_path(spec, opts.preset), routed[name])
             if opts.preset == "smoke" and opts.data_root is None:
                 ensure_synthetic(spec, data_root)
         except Exception as e:
-            cfg_error = f"{type(e).__name__}: {e}"
+            cfg_error = one_line_error(e)
             log.error("%s: %s", name, cfg_error)
         base_seed = opts.seed if opts.seed is not None else int(getattr(cfg, "seed", 0) or 0)
         for trial in range(num_trials(spec, opts)):

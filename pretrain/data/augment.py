@@ -45,6 +45,29 @@ def build_augmentation(kind: str, image_size: int = 224) -> Callable[[Image.Imag
     return transforms.Compose(ops)
 
 
+class ToBGR:
+    """(3, H, W) RGB -> BGR, for weights trained on BGR input (a class, not a lambda: picklable)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(0)
+
+
+# ImageNet evaluation: Resize(256) + CenterCrop(224), i.e. resize to 8/7 of the crop size
+EVAL_RESIZE_RATIO = 256 / 224
+
+
+def eval_transform(crop_size: int, resize_size: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   bgr: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize(resize_size, default crop_size * 256/224) + CenterCrop(crop_size) + normalise.
+
+    ``mean``/``std`` on the 0-1 scale of ``ToTensor``; ``bgr`` flips the channels first (caffe2 weights).
+    The one evaluation transform of the project: kNN monitor, linear probes, feature caches.
+    """
+    resize = resize_size if resize_size is not None else int(round(crop_size * EVAL_RESIZE_RATIO))
+    ops = [transforms.Resize(resize), transforms.CenterCrop(crop_size), transforms.ToTensor()]
+    return transforms.Compose(ops + ([ToBGR()] if bgr else []) + [transforms.Normalize(mean, std)])
+
+
 class TwoCropsTransform:
     """Two independent views of one image: the query and the key (Sec. 3.3)."""
 

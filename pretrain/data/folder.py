@@ -21,19 +21,62 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
 LAYOUT = "ROOT/train/<class>/*.JPEG (ImageNet class folders)"
 
 
+class DatasetLayoutError(FileNotFoundError):
+    """An image folder is missing, or not split into one sub-folder per class."""
+
+
 def scan_class_folders(split_dir: Path) -> list[tuple[Path, int]]:
-    """Sorted ``(path, class_index)`` pairs under ``split_dir/<class>/``; one clear error if none."""
+    """Sorted ``(path, class_index)`` pairs under ``split_dir/<class>/``; one clear error if none.
+
+    The project's one class-folder scanner (pretraining, kNN monitor, linear probes). The ImageNet val
+    tarball unpacks flat (50k JPEGs, no class folders): that layout is refused with a message saying so.
+    """
+    split_dir = Path(split_dir)
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {split_dir} (expected layout {LAYOUT})")
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-    if not classes:
-        raise FileNotFoundError(f"no class folders in {split_dir} (expected layout {LAYOUT})")
+        raise DatasetLayoutError(f"dataset folder not found: {split_dir} (expected layout {LAYOUT})")
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    loose = [p for p in split_dir.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
+    if loose or not classes:
+        what = f"{len(loose)} images directly inside it" if loose else "no class folders"
+        raise DatasetLayoutError(
+            f"{split_dir} is not split into class folders ({what}); expected {split_dir}/<wnid>/<image>.JPEG. "
+            "For ImageNet val, move the images into per-class folders (e.g. with the official valprep.sh) first.")
     items = [(p, c) for c, name in enumerate(classes) for p in sorted((split_dir / name).iterdir())
              if p.suffix.lower() in IMG_EXTENSIONS]
     if not items:
-        raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) in the class folders of {split_dir} "
-                                f"(expected layout {LAYOUT})")
+        raise DatasetLayoutError(f"no images ({', '.join(IMG_EXTENSIONS)}) in the class folders of {split_dir} "
+                                 f"(expected layout {LAYOUT})")
     return items
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image fully (truncated files fail here, not later) as RGB."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+class LabelledImages(Dataset):
+    """``root/<class>/*`` as ``(transform(image), class_index)``, for kNN and linear probes.
+
+    Exposes ``classes``, ``samples`` (``[(path, class_index)]``), ``root`` and ``loader`` like
+    torchvision's ImageFolder, on the project's one scanner.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable | None = None) -> None:
+        self.root = str(root)
+        items = scan_class_folders(Path(root))
+        self.classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
+        self.samples = [(str(p), c) for p, c in items]
+        self.transform = transform
+        self.loader = load_rgb
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        img = self.loader(path)
+        return (self.transform(img) if self.transform is not None else img), label
 
 
 class ClassFolderPairs(Dataset):
@@ -52,8 +95,7 @@ class ClassFolderPairs(Dataset):
         return len(self.items)
 
     def _open(self, i: int) -> Image.Image:
-        with Image.open(self.items[i][0]) as img:
-            return img.convert("RGB")  # forces a full decode, so truncated files fail here
+        return load_rgb(self.items[i][0])
 
     def __getitem__(self, key: tuple[int, int] | int):
         index, epoch = key if isinstance(key, tuple) else (key, 0)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -46,6 +46,21 @@ def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig
     return OmegaConf.merge(merged, node)
 
 
+def _make_writable(node: DictConfig | ListConfig) -> None:
+    """Clear the read-only flag that frozen dataclasses put on every nested node.
+
+    omegaconf 2.3 (the version detectron2 and hydra pin) refuses to merge a YAML file into a structured
+    config of a frozen dataclass ("Cannot set value of read-only config node"); 2.4 allows it. The frozen
+    dataclass returned by ``to_object`` is what keeps configs immutable, so this loses nothing.
+    """
+    OmegaConf.set_readonly(node, False)
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)):
+            _make_writable(child)
+
+
 def load_config(
     schema: type[T],
     yaml_path: str | Path | None = None,
@@ -57,6 +72,7 @@ def load_config(
     """
     try:
         cfg = OmegaConf.structured(schema)
+        _make_writable(cfg)
         if yaml_path is not None:
             cfg = OmegaConf.merge(cfg, _read_yaml_with_bases(Path(yaml_path)))
         if overrides:
@@ -88,4 +104,33 @@ def config_to_yaml(cfg: Any) -> str:
 def config_hash(cfg: Any, exclude: Sequence[str] = ()) -> str:
     """Short stable hash of a config, ignoring top-level keys in ``exclude`` (e.g. the seed)."""
     d = {k: v for k, v in config_to_dict(cfg).items() if k not in set(exclude)}
+    return _short_hash(d)
+
+
+def _short_hash(d: Any) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_setting(default: Any = None, *, default_factory: Any = None) -> Any:
+    """A config field that does not change results (workers, log periods, chunk and eval batch sizes,
+    paths): left out of :func:`protocol_dict`, so runs that differ only there count as one protocol."""
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata={"protocol": False})
+    return field(default=default, metadata={"protocol": False})
+
+
+def protocol_dict(cfg: Any, exclude: Sequence[str] = ()) -> dict:
+    """The fields of a config dataclass tree that decide its results: every field but those declared
+    with :func:`run_setting` and the top-level keys in ``exclude`` (e.g. the per-trial seed)."""
+    def walk(node: Any) -> Any:
+        if not is_dataclass(node):
+            return node
+        return {f.name: walk(getattr(node, f.name)) for f in fields(node) if f.metadata.get("protocol", True)}
+
+    d = walk(cfg)
+    return {k: v for k, v in d.items() if k not in set(exclude)}
+
+
+def protocol_hash(cfg: Any, exclude: Sequence[str] = ("seed",)) -> str:
+    """Short stable hash of :func:`protocol_dict`: equal for runs whose results are comparable."""
+    return _short_hash(protocol_dict(cfg, exclude))

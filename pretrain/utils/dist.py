@@ -86,11 +86,27 @@ def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
+def backend_device() -> torch.device:
+    """Where collectives' tensors must live: this process's GPU under NCCL, else the CPU."""
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over processes in place (moved to the backend's device and back if needed)."""
+    if not is_dist():
+        return tensor
+    dev = backend_device()
+    if tensor.device == dev:
+        dist.all_reduce(tensor)
+        return tensor
+    t = tensor.to(dev)
+    dist.all_reduce(t)
+    return tensor.copy_(t)
+
+
 def all_reduce_mean(value: float | torch.Tensor) -> float:
-    t = torch.as_tensor(value, dtype=torch.float64)
-    if is_dist():
-        backend_device = torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        t = t.to(backend_device)
-        dist.all_reduce(t)
-        t = t / world_size()
-    return float(t)
+    """The mean of a scalar over processes, as a Python float (a host sync: for logging, not the hot path)."""
+    t = torch.as_tensor(value, dtype=torch.float64).detach().clone()
+    return float(all_reduce_sum(t)) / world_size()

@@ -10,9 +10,8 @@ from torch import nn
 from torchvision.models import resnet18
 
 from pretrain.data.synthetic import make_imagenet_folders
+from pretrain.data.folder import DatasetLayoutError, LabelledImages
 from pretrain.knn import (
-    DatasetLayoutError,
-    class_folder_dataset,
     knn_eval,
     knn_predict,
     knn_scores_from_topk,
@@ -86,9 +85,9 @@ def test_flat_val_folder_is_refused(tmp_path):
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"x")
     with pytest.raises(DatasetLayoutError, match="not split into class folders"):
-        class_folder_dataset(tmp_path / "val")
+        LabelledImages(tmp_path / "val")
     with pytest.raises(DatasetLayoutError, match="not found"):
-        class_folder_dataset(tmp_path / "missing")
+        LabelledImages(tmp_path / "missing")
 
 
 def test_knn_eval_on_class_folders(tmp_path):

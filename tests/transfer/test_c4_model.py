@@ -5,10 +5,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from transfer.models.backbone import WeightLoadError
-from transfer.models.c4 import (C4Config, InputConfig, Res5BoxHead, RoIAlignV2, build_faster_rcnn_c4, c4_head_keys,
+from transfer.engines.torchvision.backbone import WeightLoadError
+from transfer.engines.torchvision.detection.c4 import (C4Config, InputConfig, Res5BoxHead, RoIAlignV2, build_faster_rcnn_c4, c4_head_keys,
                                 fast_rcnn_losses)
-from transfer.weights import BackboneWeights
+from transfer.weights.resolve import BackboneWeights
 
 TINY = C4Config(rpn_pre_nms_topk_train=200, rpn_post_nms_topk_train=16, rpn_pre_nms_topk_test=100,
                 rpn_post_nms_topk_test=8, roi_batch_size_per_image=8)
@@ -124,7 +124,7 @@ def test_incomplete_or_wrong_weights_fail(weights):
 
 def test_converted_torchvision_file_loads_exactly(tmp_path):
     """The supervised counterpart: a torchvision state dict file through the weights resolver."""
-    from transfer.weights import load_backbone_weights
+    from transfer.weights.resolve import load_backbone_weights
 
     torch.manual_seed(1)
     sd = torchvision.models.resnet18(weights=None).state_dict()

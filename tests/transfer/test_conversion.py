@@ -10,8 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
-from transfer.checkpoint_files import convert_file, load_checkpoint_file, load_pickle
-from transfer.conversion import (ARCHS, ConversionError, d2_to_tv_name, detect_layout, expected_shapes,
+from transfer.weights.files import convert_file, load_checkpoint_file, load_pickle
+from transfer.weights.conversion import (ARCHS, ConversionError, d2_to_tv_name, detect_layout, expected_shapes,
                                  extract_backbone, infer_arch, to_detectron2, to_torchvision, tv_to_d2_name,
                                  verify_backbone)
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from transfer import feature_cache
-from transfer.feature_cache import FeatureCache, dataset_fingerprint, get_or_extract, list_entries, state_digest
+from transfer.engines.torchvision.classification import feature_cache
+from transfer.engines.torchvision.classification.feature_cache import FeatureCache, dataset_fingerprint, get_or_extract, list_entries, state_digest
 
 CPU = torch.device("cpu")
 

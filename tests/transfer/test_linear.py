@@ -9,15 +9,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models import resnet18
 
-from transfer.linear import (
+from pretrain.schedule import step_lr
+from transfer.tasks.imagenet import LinearOptimConfig
+from transfer.engines.torchvision.classification.linear import (
     BackboneChangedError,
-    LinearOptimConfig,
     attach_linear_head,
     backbone_digest,
     feature_stats,
     holdout_mask,
     probe_with_wd_sweep,
-    step_lr,
     train_linear,
 )
 
@@ -156,7 +156,7 @@ def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as torch_dist
     from torch.utils.data import DistributedSampler
 
-    from transfer import feature_cache
+    from transfer.engines.torchvision.classification import feature_cache
 
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

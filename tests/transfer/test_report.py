@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from transfer.report import main, write_tables
-from transfer.report_load import load_results
-from transfer.report_reference import REFERENCE_CSV, load_reference, read_reference_csv
-from transfer.report_stats import summarise
+from transfer.report.load import load_results
+from transfer.report.reference import REFERENCE_CSV, load_reference, read_reference_csv
+from transfer.report.stats import summarise
 
 ROOT = Path(__file__).resolve().parents[2]
 VOC = ("AP50", "AP", "AP75")
@@ -33,7 +33,7 @@ def write_trial(root: Path, weights: str, task: str, trial: int, metrics=None, *
     eff.update({"iterations": iters} if iters else {"epochs": 100})
     rec = {"status": status, "task": task, "family": family, "weights": weights, "trial": trial, "seed": trial,
            "engine": engine, "preset": "full", "metrics": dict(metrics or {}) if status == "ok" else {},
-           "error": error, "config_hash": cfg, "effective": eff,
+           "error": error, "protocol_hash": cfg, "effective": eff,
            "weights_info": {"name": weights, "arch": "resnet50", "sha256": sha, "layout": "torchvision"},
            "wall_time_s": 1.0, "finished_at": f"2026-01-01T00:00:0{trial}"}
     (d / "metrics.json").write_text(json.dumps(rec))
@@ -95,7 +95,7 @@ def test_single_trial_has_no_std_and_no_mark(tmp_path: Path):
     assert "70.00 ± —" in md and "81.00 ± 1.00 (+11.00)" in md and "**+11.00" not in md
 
 
-def test_different_config_hash_is_a_separate_row(tree: Path):
+def test_different_protocol_hash_is_a_separate_row(tree: Path):
     summary = summarise(load_results(tree)[0])
     main_row = _stat(summary, "moco_v2", "AP")
     other = _stat(summary, "moco_v2", "AP", cfg="deadbeef")
@@ -103,7 +103,7 @@ def test_different_config_hash_is_a_separate_row(tree: Path):
     assert other["n"] == 1 and other["mean"] == pytest.approx(5.0)
     assert pd.isna(other["delta"])  # the baseline never ran that protocol: no delta
     assert "config deadbeef" in other["row_label"]
-    assert any("config_hash differ" in n and "moco_v2 [config deadbeef]" in n for n in summary.notes)
+    assert any("protocol_hash differ" in n and "moco_v2 [config deadbeef]" in n for n in summary.notes)
 
 
 def test_engine_difference_splits_too(tmp_path: Path):
@@ -178,7 +178,7 @@ def test_outputs_are_well_formed(tree: Path):
     tidy = pd.read_csv(paths["csv"])
     assert pd.to_numeric(tidy["value"], errors="coerce").notna().all()  # one number a row
     mean = tidy[(tidy["statistic"] == "mean") & (tidy["weights"] == "moco_v2") & (tidy["metric"] == "AP")
-                & (tidy["config_hash"] == "c0ffee11")]
+                & (tidy["protocol_hash"] == "c0ffee11")]
     assert mean["value"].tolist() == [pytest.approx(55.9)]
     assert (tidy["statistic"] == "published").any() and (tidy["statistic"] == "trial").sum() == 3 * 7 + 3
 
@@ -208,7 +208,7 @@ def test_failed_trial_without_protocol_joins_its_run(tmp_path: Path):
     write_trial(tmp_path, "moco", "voc07_det", 2, status="failed", error="RuntimeError: setup")
     path = tmp_path / "moco" / "voc07_det" / "trial2" / "metrics.json"
     rec = json.loads(path.read_text())
-    path.write_text(json.dumps({**rec, "config_hash": None, "engine": None, "effective": {}}))
+    path.write_text(json.dumps({**rec, "protocol_hash": None, "engine": None, "effective": {}}))
     summary = summarise(load_results(tmp_path)[0])
     assert len(summary.groups) == 1
     g = summary.groups.iloc[0]

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfer import engine_utils as eu
-from transfer.data.synthetic_voc import make_vocdevkit
+from pretrain.schedule import warmup_multistep_lr
+from transfer.engines.torchvision.detection import loop as eu
+from transfer.engines.torchvision.detection.samplers import GroupedBatchSampler, InfiniteSampler
+from transfer.engines.torchvision.detection.sync_bn import convert_naive_sync_bn
+from transfer.data.synthetic.voc import make_vocdevkit
 from transfer.registry import get_task
 from transfer.run_all import main
 from transfer.runner import SuiteOptions, config_path, num_trials, resolve_engine
@@ -23,7 +26,7 @@ TINY = ["solver.iterations=2", "solver.batch_size=2", "precise_bn.num_iters=1", 
 
 
 def test_warmup_multistep_lr():
-    lr = lambda it: eu.warmup_multistep_lr(it, 0.02, [18000, 22000], 0.1, 100, 0.001)  # noqa: E731
+    lr = lambda it: warmup_multistep_lr(it, 0.02, [18000, 22000], 0.1, 100, 0.001)  # noqa: E731
     assert lr(0) == pytest.approx(0.02 * 0.001)
     assert lr(50) == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
     assert lr(100) == pytest.approx(0.02) and lr(17999) == pytest.approx(0.02)
@@ -80,7 +83,7 @@ def test_smoke_suite_end_to_end(tmp_path):
     assert {"AP", "AP50", "AP75"} <= set(rec["metrics"]) and all(0 <= rec["metrics"][k] <= 100 for k in ("AP", "AP50"))
     assert rec["effective"]["batch_size"] == 2 and rec["effective"]["iterations"] == 2
     assert rec["effective"]["world_size"] == 1 and rec["effective"]["device"] == "cpu"
-    assert rec["weights_info"]["arch"] == "resnet18" and rec["seed"] == 0 and rec["config_hash"]
+    assert rec["weights_info"]["arch"] == "resnet18" and rec["seed"] == 0 and rec["protocol_hash"]
     assert (trial / "config.yaml").is_file() and json.loads((trial / "env.json").read_text())["seed"] == 0
     assert any((trial / "tensorboard").iterdir())
     mtime = (trial / "metrics.json").stat().st_mtime
@@ -111,7 +114,7 @@ def test_run_all_works_as_a_script(tmp_path):
 def _sync_bn_worker(rank: int, world: int, init_file: str, x: torch.Tensor, queue) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        bn = eu.convert_naive_sync_bn(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))[0]
+        bn = convert_naive_sync_bn(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))[0]
         part = x.chunk(world)[rank].clone().requires_grad_(True)
         y = bn(part)
         (y * torch.arange(1.0, 4.0).reshape(1, 3, 1, 1)).sum().backward()
@@ -148,7 +151,7 @@ def test_naive_sync_bn_matches_bn_on_the_whole_batch(tmp_path):
 
 def test_grouped_batches_share_orientation():
     groups = [0, 1, 1, 0, 1, 0, 0, 1, 1, 1]
-    batches = eu.GroupedBatchSampler(eu.InfiniteSampler(len(groups), seed=0), groups, 3)
+    batches = GroupedBatchSampler(InfiniteSampler(len(groups), seed=0), groups, 3)
     it = iter(batches)
     for _ in range(20):
         b = next(it)

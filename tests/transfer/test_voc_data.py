@@ -5,7 +5,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from transfer.data.synthetic_voc import make_vocdevkit
+from transfer.data.synthetic.voc import make_vocdevkit
 from transfer.data.voc import (VOC_CLASSES, VOCDataError, VOCDetection, load_voc_records, load_voc_sets,
                                parse_annotation)
 

@@ -8,9 +8,9 @@ import torch
 import torchvision
 
 from pretrain.utils.io import CheckpointError
-from transfer.checkpoint_files import convert_file, manifest_path
-from transfer.conversion import ConversionError
-from transfer.weights import TORCHVISION_PIXEL_MEAN, load_backbone_weights
+from transfer.weights.files import convert_file, manifest_path
+from transfer.weights.conversion import ConversionError
+from transfer.weights.resolve import TORCHVISION_PIXEL_MEAN, load_backbone_weights
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""ImageNet linear classification and kNN tasks (issue 5).
+"""ImageNet linear classification and kNN tasks (what is measured; the engine says how).
 
 - ``imagenet_linear``: the MoCo protocol (frozen backbone in eval mode, linear layer, SGD lr 30,
   100 epochs, x0.1 at 60/80; RandomResizedCrop(224) + flip; val Resize(256) + CenterCrop(224)).
@@ -9,38 +9,33 @@ Data: ``<data_root>/<data.root>/{train,val}/<wnid>/*.JPEG``.
 """
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision import datasets, transforms
+from typing import Any, Dict, List
 
 from pretrain.data.synthetic import make_imagenet_folders
-from pretrain.knn import DatasetLayoutError, class_folder_dataset, knn_scores_from_topk, knn_topk, topk_accuracy
-from pretrain.utils import dist
-from pretrain.utils.io import atomic_write_json
-from transfer.context import TrialContext
-from transfer.feature_cache import dataset_fingerprint, get_or_extract, state_digest
-from transfer.linear import LinearOptimConfig, attach_linear_head, probe_with_wd_sweep, train_linear
-from transfer.models.backbone import build_resnet, load_resnet_weights, require_torchvision_layout
-from transfer.registry import TaskSpec, register_engine, register_task
-from transfer.weights import BackboneWeights
-
-log = logging.getLogger(__name__)
+from pretrain.utils.config import run_setting
+from transfer.registry import PublishedRows, TaskSpec, register_task
 
 
 @dataclass(frozen=True)
 class ImageNetDataConfig:
-    root: str = "imagenet"  # below the runner's data root; holds train/ and val/ class folders
+    root: str = run_setting("imagenet")  # below the runner's data root; holds train/ and val/ class folders
     image_size: int = 224  # RandomResizedCrop / CenterCrop size
     resize_size: int = 256  # eval: Resize(256) then CenterCrop(224)
-    workers: int = 8  # dataloader workers per process
+    workers: int = run_setting(8)  # dataloader workers per process
+
+
+@dataclass(frozen=True)
+class LinearOptimConfig:
+    batch_size: int = 256  # global, split over the processes (main_lincls.py divides by the GPU count)
+    base_lr: float = 30.0  # not rescaled with the batch size (protocols.md, Known traps)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 100
+    lr_steps: List[int] = field(default_factory=lambda: [60, 80])  # epochs at which lr *= lr_gamma
+    lr_gamma: float = 0.1
+    eval_every: int = run_setting(10)  # epochs between (logged) val evaluations; the last epoch is always evaluated
 
 
 @dataclass(frozen=True)
@@ -51,8 +46,8 @@ class LinearTaskConfig:
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    batch_size: int = 256  # extraction batch per process
-    shard_size: int = 50000  # rows per cache shard (and per extraction work unit)
+    batch_size: int = run_setting(256)  # extraction batch per process
+    shard_size: int = run_setting(50000)  # rows per cache shard (and per extraction work unit)
     dtype: str = "float16"  # storage dtype of the cache ("float16" halves the disk; "float32")
     augmented_views: int = 0  # extra RandomResizedCrop + flip views per train image (fast probe)
     aug_scale_min: float = 0.08  # RandomResizedCrop scale lower bound (torchvision default, as main_lincls)
@@ -63,7 +58,7 @@ class ProbeConfig:
     wd_grid: List[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2])
     holdout_fraction: float = 0.1  # part of train images held out to choose the weight decay
     max_iter: int = 200  # L-BFGS iterations per fit
-    chunk_size: int = 65536  # rows per forward chunk (bounds GPU memory)
+    chunk_size: int = run_setting(65536)  # rows per forward chunk (bounds GPU memory)
 
 
 @dataclass(frozen=True)
@@ -79,7 +74,7 @@ class KnnConfig:
     temperature: float = 0.07
     ks: List[int] = field(default_factory=lambda: [10, 20, 100, 200])  # sweep: top1_k{k}_t{t}
     temperatures: List[float] = field(default_factory=lambda: [0.07])
-    chunk_size: int = 1024  # query rows per similarity chunk
+    chunk_size: int = run_setting(1024)  # query rows per similarity chunk
 
 
 @dataclass(frozen=True)
@@ -89,206 +84,41 @@ class KnnTaskConfig:
     knn: KnnConfig = field(default_factory=KnnConfig)
 
 
-# ----- data and backbone -----------------------------------------------------------------------
-
-
-class _ToBGR:
-    """(3, H, W) RGB -> BGR, for weights trained on BGR input (a class, not a lambda: picklable)."""
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flip(0)
-
-
-def _to_tensor(weights: BackboneWeights) -> List[Callable]:
-    require_torchvision_layout(weights)
-    tf: List[Callable] = [transforms.ToTensor()]
-    if weights.input_format.upper() == "BGR":
-        tf.append(_ToBGR())
-    # pixel mean/std are on the 0-255 scale (Detectron2's convention); ToTensor gives 0-1
-    tf.append(transforms.Normalize([m / 255 for m in weights.pixel_mean], [s / 255 for s in weights.pixel_std]))
-    return tf
-
-
-def eval_tf(data: ImageNetDataConfig, weights: BackboneWeights) -> Callable:
-    return transforms.Compose([transforms.Resize(data.resize_size), transforms.CenterCrop(data.image_size),
-                               *_to_tensor(weights)])
-
-
-def train_tf(data: ImageNetDataConfig, weights: BackboneWeights, scale_min: float = 0.08) -> Callable:
-    return transforms.Compose([transforms.RandomResizedCrop(data.image_size, scale=(scale_min, 1.0)),
-                               transforms.RandomHorizontalFlip(), *_to_tensor(weights)])
-
-
-def split_dirs(data: ImageNetDataConfig, ctx: TrialContext) -> Tuple[Path, Path]:
-    root = Path(ctx.data_root) / data.root
-    return root / "train", root / "val"
-
-
-def load_splits(data: ImageNetDataConfig, ctx: TrialContext, train_transform, val_transform):
-    """train and val ImageFolders with the same classes (else a clear DatasetLayoutError)."""
-    train_dir, val_dir = split_dirs(data, ctx)
-    train_ds = class_folder_dataset(train_dir, train_transform)
-    val_ds = class_folder_dataset(val_dir, val_transform)
-    if train_ds.classes != val_ds.classes:
-        raise DatasetLayoutError(f"{train_dir} and {val_dir} have different class folders "
-                                 f"({len(train_ds.classes)} vs {len(val_ds.classes)})")
-    return train_ds, val_ds
-
-
-def build_feature_backbone(weights: BackboneWeights, device: torch.device) -> nn.Module:
-    """The ResNet of ``weights.arch`` with its weights loaded exactly, ``fc = Identity``: images
-    (N, 3, H, W) -> global-pooled features (N, 2048 for R50); frozen and in eval mode."""
-    model = build_resnet(weights.arch)
-    load_resnet_weights(model, weights)
-    model.fc = nn.Identity()
-    model.requires_grad_(False)
-    return model.to(device).eval()
-
-
-class SeededViews(Dataset):
-    """``transform`` applied with a per-(view, index) seed: view ``v`` of image ``i`` is the same on
-    every run and rank, so augmented-view features can be cached and extracted in parallel. Reads the
-    images of ``base`` (its own transform is not used)."""
-
-    def __init__(self, base: datasets.ImageFolder, transform: Callable, view: int):
-        self.base, self.transform, self.view = base, transform, view
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        path, label = self.base.samples[i]
-        img = self.base.loader(path)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.view * 10_000_019 + i)
-            return self.transform(img), label
-
-
-def cached_features(cfg, weights: BackboneWeights, ctx: TrialContext, views: int = 0, stream: bool = False):
-    """Center-crop train/val features and ``views`` augmented train views, through the feature cache.
-
-    Returns ``(train_views [(N, D)] * (1 + views), train_labels (N,), val (M, D), val_labels (M,),
-    num_classes, extraction seconds)``; ``stream``: the center train features as memory-mapped shards.
-    """
-    t0 = time.time()
-    etf = eval_tf(cfg.data, weights)
-    train_ds, val_ds = load_splits(cfg.data, ctx, etf, etf)
-    torch.manual_seed(ctx.seed)  # random-init weights: the same seed gives the same backbone (and cache entry)
-    model = build_feature_backbone(weights, ctx.device)
-    base = {"weights_sha256": weights.sha256, "state_digest": state_digest(model.state_dict()),
-            "arch": weights.arch, "input_format": weights.input_format,
-            "pixel_mean": weights.pixel_mean, "pixel_std": weights.pixel_std}
-    center = {"view": "center", "resize": cfg.data.resize_size, "crop": cfg.data.image_size}
-    f = cfg.features
-    kw = dict(device=ctx.device, batch_size=f.batch_size, workers=cfg.data.workers, shard_size=f.shard_size,
-              dtype=f.dtype)
-    train_fp = dataset_fingerprint(train_ds.samples, train_ds.root)
-    train_feats, train_labels, _ = get_or_extract(
-        model, train_ds, ctx.cache_dir, {**base, "dataset": train_fp, "preprocessing": center}, desc="train",
-        stream=stream, **kw)
-    val_feats, val_labels, _ = get_or_extract(
-        model, val_ds, ctx.cache_dir, {**base, "dataset": dataset_fingerprint(val_ds.samples, val_ds.root),
-                                       "preprocessing": center}, desc="val", **kw)
-    all_views = [train_feats]
-    for v in range(1, views + 1):
-        pre = {"view": "random_resized_crop+flip", "index": v, "crop": cfg.data.image_size,
-               "scale": [f.aug_scale_min, 1.0]}
-        ds = SeededViews(train_ds, train_tf(cfg.data, weights, f.aug_scale_min), v)
-        feats, _, _ = get_or_extract(model, ds, ctx.cache_dir, {**base, "dataset": train_fp, "preprocessing": pre},
-                                     desc=f"train view {v}", **kw)
-        all_views.append(feats)
-    return all_views, train_labels, val_feats, val_labels, len(train_ds.classes), time.time() - t0
-
-
-# ----- engines ---------------------------------------------------------------------------------
-
-
 def _linear_effective(cfg: LinearTaskConfig, world_size: int) -> Dict[str, Any]:
-    return {"batch_size": cfg.optim.batch_size, "per_rank_batch_size": cfg.optim.batch_size // world_size,
+    return {"batch_size": cfg.optim.batch_size, "batch_per_process": cfg.optim.batch_size // world_size,
             "base_lr": cfg.optim.base_lr, "epochs": cfg.optim.epochs, "lr_steps": list(cfg.optim.lr_steps),
             "world_size": world_size}
 
 
 def _fast_effective(cfg: FastLinearTaskConfig, world_size: int) -> Dict[str, Any]:
-    return {"batch_size": "full", "base_lr": 1.0, "optimizer": "lbfgs", "iterations": cfg.probe.max_iter,
+    return {"optimizer": "L-BFGS, full batch", "iterations": cfg.probe.max_iter,
             "augmented_views": cfg.features.augmented_views, "world_size": world_size}
 
 
 def _knn_effective(cfg: KnnTaskConfig, world_size: int) -> Dict[str, Any]:
-    return {"batch_size": cfg.features.batch_size, "base_lr": 0.0, "epochs": 0, "k": cfg.knn.k,
-            "temperature": cfg.knn.temperature, "world_size": world_size}
+    return {"k": cfg.knn.k, "temperature": cfg.knn.temperature, "world_size": world_size}
 
 
 def _make_synthetic(data_root: Path) -> None:
     make_imagenet_folders(Path(data_root) / "imagenet")
 
 
-for _name, _schema, _file, _eff, _desc in (
-    ("imagenet_linear", LinearTaskConfig, "imagenet_linear.yaml", _linear_effective,
+# README linear (5 trials) gives top1_mean / top1_std: shown as one "mean ± std" cell
+_TOP1 = {"top1": "top1", "top1_mean": "top1", "top1_std": "top1:std"}
+_LINEAR = PublishedRows("imagenet_linear_top1", "R50",
+                        ("Table1", "Table1 (d) MLP+aug+cos", "Table1 (e) MLP+aug+cos", "Table1 supervised",
+                         "README linear (5 trials)", "mocov2 README"), _TOP1)
+
+for _name, _schema, _file, _eff, _published, _desc in (
+    ("imagenet_linear", LinearTaskConfig, "imagenet_linear.yaml", _linear_effective, (_LINEAR,),
      "ImageNet linear classification, the MoCo protocol (frozen backbone, 100 epochs)"),
-    ("imagenet_linear_fast", FastLinearTaskConfig, "imagenet_linear_fast.yaml", _fast_effective,
+    # the published numbers are the full protocol's: they stand beside imagenet_linear only
+    ("imagenet_linear_fast", FastLinearTaskConfig, "imagenet_linear_fast.yaml", _fast_effective, (),
      "ImageNet linear probe on cached features (L-BFGS, weight decay chosen on held-out train)"),
-    ("imagenet_knn", KnnTaskConfig, "imagenet_knn.yaml", _knn_effective,
+    ("imagenet_knn", KnnTaskConfig, "imagenet_knn.yaml", _knn_effective, (),
      "ImageNet weighted kNN (k=200, T=0.07) on cached features"),
 ):
     register_task(TaskSpec(name=_name, family="classification", schema=_schema, config_file=_file,
-                           description=_desc, effective=_eff, make_synthetic=_make_synthetic))
-
-
-@register_engine("imagenet_linear", "torchvision")
-def run_linear(cfg: LinearTaskConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
-    """The full protocol; checkpoints ``linear_checkpoint.pth`` in ``ctx.output_dir`` every epoch and resumes."""
-    if cfg.optim.batch_size % ctx.world_size:
-        raise ValueError(f"batch_size {cfg.optim.batch_size} is not divisible by world size {ctx.world_size}")
-    train_ds, val_ds = load_splits(cfg.data, ctx, train_tf(cfg.data, weights), eval_tf(cfg.data, weights))
-    torch.manual_seed(ctx.seed)  # the head's N(0, 0.01) init and the augmentations
-    model = attach_linear_head(build_resnet(weights.arch), len(train_ds.classes))
-    load_resnet_weights(model, weights)  # after attach: the head is fresh, exactly fc.* is missing
-    sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=ctx.seed)
-    per_rank = cfg.optim.batch_size // ctx.world_size
-    pin = ctx.device.type == "cuda"
-    train_loader = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.data.workers,
-                              pin_memory=pin, persistent_workers=cfg.data.workers > 0)
-    # every val image exactly once over the ranks (no DistributedSampler padding)
-    val_part = Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world_size))
-    val_loader = DataLoader(val_part, batch_size=per_rank, num_workers=cfg.data.workers, pin_memory=pin)
-    metrics, history = train_linear(model, train_loader, val_loader, cfg.optim, ctx.device,
-                                    checkpoint=Path(ctx.output_dir) / "linear_checkpoint.pth")
-    if dist.is_main():
-        atomic_write_json(Path(ctx.output_dir) / "history.json", history)
-    return metrics
-
-
-@register_engine("imagenet_linear_fast", "torchvision")
-def run_linear_fast(cfg: FastLinearTaskConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
-    """Cached features -> L-BFGS probe. Every rank fits the same probe (cheap next to extraction)."""
-    views, labels, val_feats, val_labels, num_classes, extraction_s = cached_features(
-        cfg, weights, ctx, cfg.features.augmented_views)
-    t0 = time.time()
-    n = labels.shape[0]
-    out = probe_with_wd_sweep(
-        torch.cat(views), labels.repeat(len(views)), val_feats, val_labels, num_classes, cfg.probe.wd_grid,
-        ctx.device, cfg.probe.holdout_fraction, cfg.probe.max_iter, cfg.probe.chunk_size, seed=ctx.seed,
-        groups=torch.arange(n).repeat(len(views)))
-    return {**out, "extraction_s": extraction_s, "train_s": time.time() - t0}
-
-
-@register_engine("imagenet_knn", "torchvision")
-def run_knn(cfg: KnnTaskConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
-    """One extraction, one top-max(k) search, then scores for every (k, T) of the sweep."""
-    views, labels, val_feats, val_labels, num_classes, extraction_s = cached_features(cfg, weights, ctx, stream=True)
-    t0 = time.time()
-    val_n = F.normalize(val_feats.float(), dim=1).to(ctx.device)
-    ks = sorted({cfg.knn.k, *cfg.knn.ks})
-    # the train bank streams from the memory-mapped shards, normalised chunk by chunk on the device
-    sims, idx = knn_topk(views[0], val_n, max(ks), cfg.knn.chunk_size, device=ctx.device, normalize_train=True)
-    neighbours = labels.to(idx.device)[idx]
-    metrics: Dict[str, float] = {}
-    for k in ks:
-        for t in sorted({cfg.knn.temperature, *cfg.knn.temperatures}):
-            top1, top5 = topk_accuracy(knn_scores_from_topk(sims, neighbours, num_classes, k, t), val_labels, (1, 5))
-            if k == cfg.knn.k and t == cfg.knn.temperature:
-                metrics.update(top1=top1, top5=top5)
-            if k in cfg.knn.ks and t in cfg.knn.temperatures:
-                metrics[f"top1_k{k}_t{t:g}"] = top1
-    return {**metrics, "extraction_s": extraction_s, "knn_s": time.time() - t0}
+                           metrics=("top1", "top5"), datasets=("imagenet/train", "imagenet/val"),
+                           description=_desc, effective=_eff, make_synthetic=_make_synthetic,
+                           published=_published))

@@ -21,7 +21,6 @@ float tensor instead of the uint8 PIL image.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -35,47 +34,17 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from transfer.models.backbone import (assert_exact_load, build_resnet, check_shapes, remap_resnet_keys,
-                                      require_torchvision_layout, resnet_stage_channels)
-from transfer.weights import BackboneWeights
+from pretrain.resnet import build_resnet
+from transfer.engines.torchvision.backbone import (load_exact, remap_resnet_keys, require_torchvision_layout,
+                                                   resnet_stage_channels)
+from transfer.tasks.detection import C4Config, InputConfig
+from transfer.weights.resolve import BackboneWeights
 
 # where each torchvision ResNet stage lives in the detector
 C4_KEY_MAP = {"conv1": "backbone.conv1", "bn1": "backbone.bn1", "layer1": "backbone.layer1",
               "layer2": "backbone.layer2", "layer3": "backbone.layer3", "layer4": "roi_heads.box_head.res5"}
 # the only tensors that do not come from the pretrained backbone
 C4_HEAD_PREFIXES = ("rpn.head.", "roi_heads.box_head.norm.", "roi_heads.box_predictor.")
-
-
-@dataclass
-class C4Config:
-    """Detectron2's C4 defaults as MoCo uses them (names follow Detectron2's keys, lower case)."""
-    anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    rpn_pre_nms_topk_train: int = 12000
-    rpn_post_nms_topk_train: int = 2000
-    rpn_pre_nms_topk_test: int = 6000
-    rpn_post_nms_topk_test: int = 1000
-    rpn_nms_thresh: float = 0.7
-    rpn_batch_size_per_image: int = 256
-    rpn_positive_fraction: float = 0.5
-    roi_resolution: int = 14
-    roi_batch_size_per_image: int = 512
-    roi_positive_fraction: float = 0.25
-    smooth_l1_beta: float = 0.0  # RPN and box head; 0 = L1
-    extra_norm: bool = True  # MoCo's Res5ROIHeadsExtraNorm
-    test_score_thresh: float = 0.05
-    test_nms_thresh: float = 0.5
-    test_detections_per_img: int = 100
-
-
-@dataclass
-class InputConfig:
-    min_size_train: List[int] = field(default_factory=lambda: list(range(480, 801, 32)))
-    max_size_train: int = 1333
-    min_size_test: int = 800
-    max_size_test: int = 1333
-    size_divisible: int = 1  # Detectron2's ResNet C4 backbone: size_divisibility 0, pad only to the batch max
-    hflip_prob: float = 0.5
 
 
 class C4Trunk(nn.Module):
@@ -245,6 +214,4 @@ def load_c4_weights(model: nn.Module, weights: BackboneWeights) -> None:
         return  # random init baseline
     require_torchvision_layout(weights)
     sd = remap_resnet_keys(weights.state_dict, C4_KEY_MAP)
-    check_shapes(model.state_dict(), sd)
-    msg = model.load_state_dict(sd, strict=False)
-    assert_exact_load(msg.missing_keys, msg.unexpected_keys, c4_head_keys(model), weights.name)
+    load_exact(model, sd, c4_head_keys(model), weights.name)

@@ -15,9 +15,9 @@ from typing import Dict, List, Optional
 import torch
 
 from pretrain.utils.io import CheckpointError, sha256_file
-from transfer.checkpoint_files import load_checkpoint_file, read_manifest, weights_stem
+from transfer.weights.files import load_checkpoint_file, read_manifest, weights_stem
 # torchvision / MoCo convention: RGB, ImageNet mean and std on the 0-255 scale, stride in the 3x3 conv.
-from transfer.conversion import (ARCHS, TORCHVISION_PIXEL_MEAN, TORCHVISION_PIXEL_STD, ConversionError,
+from transfer.weights.conversion import (ARCHS, TORCHVISION_PIXEL_MEAN, TORCHVISION_PIXEL_STD, ConversionError,
                                  extract_backbone, infer_arch, verify_backbone)
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def load_backbone_weights(spec: str, name: Optional[str] = None, arch: Optional[
       ``<file>.manifest.json`` beside it: input settings and source layout come from the manifest, which
       must describe this very file (its ``output_sha256``); the default name is the file stem.
     - any other checkpoint (MoCo v1/v2/v3, this project's, a plain torchvision state dict, a ``.pkl`` without
-      manifest): converted on the fly with ``transfer.conversion``; torchvision input settings; the default
+      manifest): converted on the fly with ``transfer.weights.conversion``; torchvision input settings; the default
       name ``<stem>-<sha256[:8]>`` is stable for the same file and differs between different files.
     Detectron2-named inputs come back with torchvision names. Raises ConversionError / CheckpointError
     unless every backbone tensor of the (given or inferred) depth is present with its shape.

@@ -16,11 +16,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from transfer.report_load import PROTOCOL_FIELDS, protocol_ids
+from transfer.report.load import PROTOCOL_FIELDS, protocol_ids
 
 GROUP_KEY = ["family", "task", "weights", "protocol"]
 _FIELD_TEXT = {
-    "config_hash": lambda v: f"config {v[:8]}", "engine": lambda v: f"engine {v}",
+    "protocol_hash": lambda v: f"config {v[:8]}", "engine": lambda v: f"engine {v}",
     "preset": lambda v: f"preset {v}", "batch_size": lambda v: f"batch {v}",
     "base_lr": lambda v: f"lr {v}", "iterations": lambda v: f"{v} iters", "epochs": lambda v: f"{v} epochs",
 }
@@ -40,7 +40,7 @@ class Summary:
 def describe_protocol(protocol: str, fields: Tuple[str, ...] = PROTOCOL_FIELDS) -> str:
     """``"engine torchvision, batch 16, lr 0.02, 24000 iters, config 1a2b3c4d"`` for a protocol id."""
     vals = dict(zip(PROTOCOL_FIELDS, protocol.split("|")))
-    order = ("engine", "preset", "batch_size", "base_lr", "iterations", "epochs", "config_hash")
+    order = ("engine", "preset", "batch_size", "base_lr", "iterations", "epochs", "protocol_hash")
     explicit = fields != PROTOCOL_FIELDS  # naming the fields that differ: an absent value is a difference too
     return ", ".join(_FIELD_TEXT[f](vals[f]) if vals.get(f) else f"no {f}" for f in order
                      if f in fields and (vals.get(f) or explicit))
@@ -75,7 +75,7 @@ def _attach_failed(trials: pd.DataFrame) -> pd.DataFrame:
     else it stays a row of its own.
     """
     trials = trials.copy()
-    ok = trials[trials["config_hash"] != ""]
+    ok = trials[trials["protocol_hash"] != ""]
     for idx, r in trials[trials["status"] != "ok"].iterrows():
         fields = [f for f in PROTOCOL_FIELDS if r[f] == ""]
         if not fields:

@@ -21,12 +21,12 @@ from typing import Dict, List, Optional, Sequence
 import pandas as pd
 
 from pretrain.utils.io import atomic_path, atomic_write_text
-from transfer.report_load import PROTOCOL_FIELDS, load_results, protocol_ids
-from transfer.report_plot import plot_deltas
-from transfer.report_reference import REFERENCE_CSV, load_reference
-from transfer.report_render import to_html, to_markdown
-from transfer.report_stats import GROUP_KEY, Summary, summarise
-from transfer.report_tables import build_tables
+from transfer.report.load import PROTOCOL_FIELDS, load_results, protocol_ids
+from transfer.report.plot import plot_deltas
+from transfer.report.reference import REFERENCE_CSV, load_reference
+from transfer.report.render import to_html, to_markdown
+from transfer.report.stats import GROUP_KEY, Summary, summarise
+from transfer.report.tables import build_tables
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from pretrain.utils.io import CheckpointError, atomic_path, safe_torch_load, sha256_file
-from transfer.conversion import (TORCHVISION_PIXEL_MEAN, TORCHVISION_PIXEL_STD, extract_backbone, infer_arch,
+from transfer.weights.conversion import (TORCHVISION_PIXEL_MEAN, TORCHVISION_PIXEL_STD, extract_backbone, infer_arch,
                                  to_detectron2, to_torchvision, verify_backbone)
 
 AUTHOR = "moco-transfer-suite"

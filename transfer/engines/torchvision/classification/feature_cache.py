@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from pretrain.knn import extract_features
 from pretrain.utils import dist
 from pretrain.utils.io import atomic_path, atomic_write_json
 
@@ -129,11 +130,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 @torch.no_grad()
 def extract_shard(model: nn.Module, loader: DataLoader, device: torch.device) -> Tuple[np.ndarray, np.ndarray]:
     """Features of one shard: images (B, 3, H, W) -> (rows, D) float32 and labels (rows,) int64."""
-    feats, labels = [], []
-    for images, target in loader:
-        feats.append(model(images.to(device, non_blocking=True)).float().flatten(1).cpu())
-        labels.append(torch.as_tensor(target, dtype=torch.long))
-    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+    feats, labels = extract_features(model, loader, device, progress=False)
+    return feats.numpy(), labels.numpy()
 
 
 def get_or_extract(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -23,32 +22,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pretrain.knn import topk_accuracy
+from pretrain.schedule import step_lr
 from pretrain.utils import dist
 from pretrain.utils.io import atomic_torch_save, safe_torch_load
-from transfer.feature_cache import state_digest
+from transfer.engines.torchvision.classification.feature_cache import state_digest
+from transfer.tasks.imagenet import LinearOptimConfig
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LinearOptimConfig:
-    batch_size: int = 256  # global, split over the processes (main_lincls.py divides by the GPU count)
-    base_lr: float = 30.0  # not rescaled with the batch size (protocols.md, Known traps)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    epochs: int = 100
-    lr_steps: List[int] = field(default_factory=lambda: [60, 80])  # epochs at which lr *= lr_gamma
-    lr_gamma: float = 0.1
-    eval_every: int = 10  # epochs between (logged) val evaluations; the last epoch is always evaluated
-
-
 class BackboneChangedError(RuntimeError):
     """A backbone tensor or BN buffer changed during linear training."""
-
-
-def step_lr(base_lr: float, epoch: int, steps: Sequence[int], gamma: float = 0.1) -> float:
-    """lr of 0-based ``epoch``: ``base_lr * gamma ** #{s in steps : epoch >= s}`` (main_lincls.py)."""
-    return base_lr * gamma ** sum(epoch >= s for s in steps)
 
 
 def backbone_digest(model: nn.Module) -> str:
@@ -67,13 +51,6 @@ def attach_linear_head(model: nn.Module, num_classes: int) -> nn.Module:
     return model
 
 
-def _sum_across_ranks(values: List[float], device: torch.device) -> List[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_dist():
-        torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> Dict[str, float]:
     """1-crop top-1 / top-5 (percent) over this rank's part of ``loader``, summed over ranks."""
@@ -85,7 +62,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> Dict
         hits1 += a1 * len(target) / 100
         hits5 += a5 * len(target) / 100
         count += len(target)
-    hits1, hits5, count = _sum_across_ranks([hits1, hits5, count], device)
+    hits1, hits5, count = dist.all_reduce_sum(torch.tensor([hits1, hits5, count], dtype=torch.float64)).tolist()
     return {"top1": 100 * hits1 / count, "top5": 100 * hits5 / count}
 
 

@@ -19,10 +19,10 @@ log = logging.getLogger(__name__)
 
 # Fields that define "the same protocol": runs that differ in any of them are never averaged together
 # (issue 6). World size / GPU count are reported in the notes but do not split rows.
-PROTOCOL_FIELDS = ("config_hash", "engine", "preset", "batch_size", "base_lr", "iterations", "epochs")
+PROTOCOL_FIELDS = ("protocol_hash", "engine", "preset", "batch_size", "base_lr", "iterations", "epochs")
 
 TRIAL_COLUMNS = [
-    "weights", "task", "family", "trial", "seed", "status", "error", "engine", "preset", "config_hash",
+    "weights", "task", "family", "trial", "seed", "status", "error", "engine", "preset", "protocol_hash",
     "batch_size", "base_lr", "iterations", "epochs", "world_size", "num_gpus", "device",
     "sha256", "layout", "arch", "wall_time_s", "finished_at", "path", "metric", "value",
 ]
@@ -58,7 +58,7 @@ def _rows_from_record(rec: Dict[str, Any], path: Path) -> List[Dict[str, Any]]:
         "error": rec.get("error"),
         "engine": _key_text(rec.get("engine")),
         "preset": _key_text(rec.get("preset")),
-        "config_hash": _key_text(rec.get("config_hash")),
+        "protocol_hash": _key_text(rec.get("protocol_hash") or rec.get("config_hash")),  # config_hash: before v0.2
         "batch_size": _key_text(eff.get("batch_size")),
         "base_lr": _key_text(eff.get("base_lr")),
         "iterations": _key_text(eff.get("iterations")),

@@ -10,7 +10,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from transfer.report_tables import TASK_ORDER, ordered, table_metrics
+from transfer.registry import task_order
+from transfer.report.tables import ordered, table_metrics
 
 
 def plot_deltas(stats: pd.DataFrame, baseline: str | None, path: Path) -> None:
@@ -20,7 +21,7 @@ def plot_deltas(stats: pd.DataFrame, baseline: str | None, path: Path) -> None:
     The Agg canvas is used directly so no global pyplot state or display backend is touched.
     """
     d = stats[stats["delta"].notna()] if baseline else stats.iloc[0:0]
-    tasks = ordered(d["task"].unique(), TASK_ORDER)
+    tasks = ordered(d["task"].unique(), task_order())
     ncols = min(3, max(1, len(tasks)))
     nrows = max(1, math.ceil(len(tasks) / ncols))
     tallest = max([d[d["task"] == t]["row_label"].nunique() for t in tasks] or [1])
@@ -35,7 +36,7 @@ def plot_deltas(stats: pd.DataFrame, baseline: str | None, path: Path) -> None:
         ax = fig.add_subplot(nrows, ncols, i + 1)
         t = d[d["task"] == task]
         labels = list(dict.fromkeys(t["row_label"]))
-        metrics = table_metrics(t["metric"].unique())
+        metrics = table_metrics(task, t["metric"].unique())
         height, handles = 0.8 / len(metrics), []
         y = np.arange(len(labels))
         for j, m in enumerate(metrics):

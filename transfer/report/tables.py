@@ -12,16 +12,10 @@ from typing import Dict, List, Optional, Tuple
 
 import pandas as pd
 
-from transfer.report_reference import reference_note, reference_rows
-from transfer.report_stats import Summary, describe_protocol
+from transfer.registry import FAMILY_ORDER, TASKS, load_builtin_tasks, task_order
+from transfer.report.reference import reference_note, reference_rows
+from transfer.report.stats import Summary, describe_protocol
 
-FAMILY_ORDER = ("detection", "segmentation", "keypoints", "classification")
-TASK_ORDER = ("voc0712_det", "voc07_det", "coco_det", "imagenet_linear", "imagenet_linear_fast", "imagenet_knn")
-METRIC_ORDER = ("AP50", "AP", "AP75", "top1", "top5")
-# Columns the paper's tables report; anything else an engine returns (final_loss, weight_decay, kNN sweep
-# entries) goes to tables.csv only. A task reporting none of these gets all its metrics as columns.
-HEADLINE_METRICS = frozenset(METRIC_ORDER + tuple(
-    f"AP{kind}{iou}" for kind in ("bb", "mk", "kp", "dp") for iou in ("", "50", "75")) + ("mIoU",))
 N_COL = "n"  # per-task column: trials used / run / failed / missing
 
 
@@ -56,10 +50,14 @@ def ordered(values, preferred) -> list:
     return sorted(values, key=lambda v: (preferred.index(v) if v in preferred else len(preferred), str(v)))
 
 
-def table_metrics(metrics) -> list:
-    """The metrics shown as columns (headline ones, in the paper's order), from all a task reported."""
-    shown = [m for m in metrics if m in HEADLINE_METRICS]
-    return ordered(shown or list(metrics), METRIC_ORDER)
+def table_metrics(task: str, metrics) -> list:
+    """The columns of ``task``: its spec's headline metrics (the paper's columns, in its order) among
+    those reported; anything else an engine returns (final_loss, weight_decay, kNN sweep entries) goes to
+    tables.csv only. A task that is not registered here (an old result) shows everything it reported."""
+    load_builtin_tasks()
+    spec = TASKS.get(task)
+    shown = [m for m in (spec.metrics if spec else ()) if m in set(metrics)]
+    return shown or sorted(metrics)
 
 
 def fmt(x: float) -> str:
@@ -183,7 +181,7 @@ def build_tables(summary: Summary, ref: Optional[pd.DataFrame] = None) -> List[F
     groups = summary.groups
     for family in ordered(groups["family"].unique(), FAMILY_ORDER):
         fam_groups = groups[groups["family"] == family]
-        tasks = ordered(fam_groups["task"].unique(), TASK_ORDER)
+        tasks = ordered(fam_groups["task"].unique(), task_order())
         fam_ref = None if ref is None else ref[ref["task"].isin(tasks)]
         columns: List[Tuple[str, str]] = []
         other_metrics: Dict[str, List[str]] = {}
@@ -191,7 +189,7 @@ def build_tables(summary: Summary, ref: Optional[pd.DataFrame] = None) -> List[F
             metrics = set(summary.stats.loc[summary.stats["task"] == task, "metric"])
             if fam_ref is not None:
                 metrics |= set(fam_ref.loc[fam_ref["task"] == task, "metric"])
-            shown = table_metrics(metrics) or ["result"]  # every trial failed: one column saying so
+            shown = table_metrics(task, metrics) or ["result"]  # every trial failed: one column saying so
             columns += [(task, m) for m in shown] + [(task, N_COL)]
             if set(metrics) - set(shown):
                 other_metrics[task] = sorted(set(metrics) - set(shown))

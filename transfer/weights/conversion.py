@@ -1,6 +1,6 @@
 """Backbone conversion as pure functions: find the ResNet in a checkpoint, check it, rename it.
 
-No file I/O and no printing here (``transfer/checkpoint_files.py`` and ``tools/convert_to_d2.py`` do that),
+No file I/O and no printing here (``transfer/weights/files.py`` and ``tools/convert_to_d2.py`` do that),
 so the runner can convert a raw pretraining checkpoint on the fly with exactly the code the CLI uses.
 
 Names follow torchvision's ResNet (``conv1``, ``bn1``, ``layer1.0.conv1`` ...). Detectron2 names
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Iterable, Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -251,19 +251,43 @@ def infer_arch(backbone_sd: Mapping[str, Any]) -> str:
                           f"{ARCHS}; pass --arch to see what is missing")
 
 
+def state_mismatch(want: Mapping[str, Tuple[int, ...]], got: Mapping[str, Any],
+                   expected_missing: Iterable[str] = ()) -> Optional[str]:
+    """None when ``got`` fills ``want`` exactly: every key of ``want`` but ``expected_missing`` is
+    present with its shape, no key of ``expected_missing`` is, and nothing else is; else what is wrong.
+
+    The project's one key-and-shape check: for converted backbones against a ResNet depth
+    (:func:`verify_backbone`) and for weights against the model they are loaded into. ``num_batches_tracked``
+    buffers carry no learned value and are ignored. A converter that matches no key would otherwise
+    "succeed" and train from random init (protocols.md, Known traps).
+    """
+    def real(keys: Iterable[str]) -> set:
+        return {k for k in keys if not k.endswith("num_batches_tracked")}
+
+    expected_missing = real(expected_missing)
+    missing = real(want) - real(got)
+    unexpected = sorted(real(got) - real(want))
+    extra_missing = sorted(missing - expected_missing)
+    loaded_heads = sorted(expected_missing - missing)
+    wrong = [f"{k}: got {tuple(got[k].shape)}, expected {tuple(want[k])}"
+             for k in sorted(real(want) & real(got)) if tuple(got[k].shape) != tuple(want[k])]
+    if not (extra_missing or loaded_heads or unexpected or wrong):
+        return None
+
+    def head(xs: list) -> str:
+        return ", ".join(xs[:5]) + (", ..." if len(xs) > 5 else "")
+    parts = [f"{len(extra_missing)} missing [{head(extra_missing)}]", f"{len(unexpected)} unexpected [{head(unexpected)}]",
+             f"{len(wrong)} with a wrong shape [{head(wrong)}]"]
+    if loaded_heads:
+        parts.append(f"{len(loaded_heads)} head tensors unexpectedly present [{head(loaded_heads)}]")
+    return ", ".join(parts)
+
+
 def verify_backbone(backbone_sd: Mapping[str, Any], arch: str) -> None:
     """Raise ConversionError unless ``backbone_sd`` holds exactly the tensors of ``arch`` with their shapes."""
-    want = expected_shapes(arch)
-    missing = sorted(set(want) - set(backbone_sd))
-    unexpected = sorted(set(backbone_sd) - set(want))
-    wrong = [f"{k}: got {tuple(backbone_sd[k].shape)}, expected {want[k]}"
-             for k in want if k in backbone_sd and tuple(backbone_sd[k].shape) != want[k]]
-    if missing or unexpected or wrong:
-        def head(xs: list) -> str:
-            return ", ".join(xs[:5]) + (", ..." if len(xs) > 5 else "")
-        raise ConversionError(
-            f"backbone does not match {arch}: {len(missing)} missing [{head(missing)}], "
-            f"{len(unexpected)} unexpected [{head(unexpected)}], {len(wrong)} with a wrong shape [{head(wrong)}]")
+    problem = state_mismatch(expected_shapes(arch), backbone_sd)
+    if problem:
+        raise ConversionError(f"backbone does not match {arch}: {problem}")
 
 
 def to_detectron2(backbone_sd: Mapping[str, torch.Tensor]) -> Dict[str, np.ndarray]:

@@ -5,7 +5,7 @@ from html import escape
 from itertools import groupby
 from typing import List, Tuple
 
-from transfer.report_tables import N_COL, Cell, FamilyTable
+from transfer.report.tables import N_COL, Cell, FamilyTable
 
 CSS = """
 body { font-family: sans-serif; margin: 1.5em; }

@@ -1,20 +1,21 @@
 """Published reference numbers, mapped onto this suite's task and metric names.
 
 The data live in ``results/reference/moco_published.csv`` (one number a row, with its source; see
-``results/reference/README.md``). Only the rows that were produced with the protocol a suite task
-implements are mapped (e.g. VOC07+12 with Faster R-CNN **C4**, not the dilated-C5 variant, which this
-suite does not build). Published rows are shown beside measured ones and never enter a mean or a delta.
+``results/reference/README.md``). Which rows stand for a task is part of the task's spec
+(``TaskSpec.published`` in ``transfer/tasks/``): only rows produced with the protocol that task implements
+(e.g. VOC07+12 with Faster R-CNN **C4**, not the dilated-C5 variant, which this suite does not build). Published rows are shown beside measured ones and never enter a mean or a delta.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import pandas as pd
 
-REFERENCE_CSV = Path(__file__).resolve().parent.parent / "results" / "reference" / "moco_published.csv"
+from transfer.registry import TASKS, load_builtin_tasks
+
+REFERENCE_CSV = Path(__file__).resolve().parents[2] / "results" / "reference" / "moco_published.csv"
 
 PAPER_NAMES = {
     "mocov1_arXiv1911.05722": "MoCo v1 paper",
@@ -24,35 +25,6 @@ PAPER_NAMES = {
     "mocov3_arXiv2104.02057 (official repo)": "MoCo v3 repo",
 }
 
-
-@dataclass(frozen=True)
-class ReferenceMap:
-    """Which CSV rows stand for a suite task. ``metrics`` maps CSV metric -> suite metric name."""
-
-    task: str  # this suite's task name (registry, configs, results/)
-    ref_task: str  # ``task`` column of the CSV
-    backbone: str  # ``backbone`` column of the CSV
-    tables: Tuple[str, ...]  # ``table`` column values kept, in display order
-    metrics: Dict[str, str] = field(default_factory=dict)
-    note: str = ""
-
-
-_VOC = {"AP50": "AP50", "AP": "AP", "AP75": "AP75"}
-# README linear (5 trials) gives top1_mean / top1_std: shown as one "mean ± std" cell.
-_TOP1 = {"top1": "top1", "top1_mean": "top1", "top1_std": "top1:std"}
-_LINEAR_TABLES = ("Table1", "Table1 (d) MLP+aug+cos", "Table1 (e) MLP+aug+cos", "Table1 supervised",
-                  "README linear (5 trials)", "mocov2 README")
-
-REFERENCE_MAP: Tuple[ReferenceMap, ...] = (
-    # MoCo v1 Table 2b (R50-C4, 24k iterations, VOC07+12 -> test2007), MoCo v2 Table 1 = official repo table
-    ReferenceMap("voc0712_det", "voc07+12_detection", "FasterRCNN_R50-C4",
-                 ("Table2b", "Table1 (= official repo detection table)", "mocov2 README"), _VOC),
-    # MoCo v1 Table 4 (R50-C4, VOC07 trainval only, 9k iterations); competitor columns use other backbones
-    ReferenceMap("voc07_det", "voc07_detection", "FasterRCNN_R50-C4", ("Table4",), _VOC),
-    ReferenceMap("imagenet_linear", "imagenet_linear_top1", "R50", _LINEAR_TABLES, _TOP1),
-    ReferenceMap("imagenet_linear_fast", "imagenet_linear_top1", "R50", _LINEAR_TABLES, _TOP1,
-                 note="published numbers are the full linear protocol's (imagenet_linear)"),
-)
 
 REFERENCE_COLUMNS = ["task", "pretrain", "label", "kind", "metric", "value", "std", "value_text",
                      "source", "paper", "table", "schedule"]
@@ -96,10 +68,9 @@ def load_reference(tasks: Iterable[str], csv_path: Path = REFERENCE_CSV) -> pd.D
     v1 Table 2) is kept once, from the first table listed in the mapping.
     """
     raw = read_reference_csv(csv_path)
+    load_builtin_tasks()
     out: List[dict] = []
-    for m in REFERENCE_MAP:
-        if m.task not in set(tasks):
-            continue
+    for task, m in ((t, m) for t in tasks if t in TASKS for m in TASKS[t].published):
         sel = raw[(raw["task"] == m.ref_task) & (raw["backbone"] == m.backbone)
                   & raw["table"].isin(m.tables) & raw["metric"].isin(list(m.metrics))]
         seen = set()
@@ -112,7 +83,7 @@ def load_reference(tasks: Iterable[str], csv_path: Path = REFERENCE_CSV) -> pd.D
                 if (r.pretrain, metric, r.value) in seen:
                     continue
                 seen.add((r.pretrain, metric, r.value))
-                out.append({"task": m.task, "pretrain": r.pretrain, "label": reference_label(r.paper, table, r.source),
+                out.append({"task": task, "pretrain": r.pretrain, "label": reference_label(r.paper, table, r.source),
                             "kind": source_kind(r.source), "metric": metric, "value": float(value),
                             "std": float("nan"), "value_text": r.value, "source": r.source,
                             "paper": r.paper, "table": table, "schedule": r.schedule})
@@ -150,8 +121,7 @@ def reference_rows(ref: pd.DataFrame) -> List[Tuple[str, str, pd.DataFrame]]:
 
 
 def reference_note(task: str) -> Optional[str]:
-    """The mapping's caveat for ``task`` (e.g. the fast probe is compared with the full protocol)."""
-    for m in REFERENCE_MAP:
-        if m.task == task and m.note:
-            return m.note
-    return None
+    """The caveats of ``task``'s published rows, if any."""
+    load_builtin_tasks()
+    notes = [m.note for m in (TASKS[task].published if task in TASKS else ()) if m.note]
+    return "; ".join(notes) or None

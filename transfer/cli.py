@@ -1,0 +1,110 @@
+"""``python transfer/run_all.py``: run the transfer suite for one set of backbone weights.
+
+    python transfer/run_all.py --weights W [--name NAME] [--tasks voc0712_det,voc07_det] [--trials N]
+        [--engine auto|torchvision|detectron2] [--preset full|smoke] [--data-root DIR] [--output DIR]
+        [--seed S] [--device auto|cpu|cuda|cuda:N] [key=value ...] [task.key=value ...]
+
+W: a converter output, a raw pretraining checkpoint, a torchvision state dict, or ``random``.
+``key=value`` overrides go to every selected task whose config has that key; ``task.key=value`` to that
+task only (``voc07_det.solver.iterations=100``); an override no selected task accepts is an error.
+Several GPUs / nodes: ``torchrun --nproc_per_node=8 transfer/run_all.py ...`` (nothing is rescaled:
+set ``solver.batch_size`` yourself if needed; effective values are recorded with every result).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from pretrain.utils import dist
+from pretrain.utils.logs import setup_logging
+
+log = logging.getLogger("transfer.run_all")
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of auto, cpu, cuda, cuda:N")
+    return text
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    from transfer.runner import PRESETS
+
+    p = argparse.ArgumentParser(prog="transfer/run_all.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help="checkpoint / converter output / torchvision file, or 'random'")
+    p.add_argument("--name", default=None, help="weights name used in results/ (default: from the weights)")
+    p.add_argument("--arch", default=None, help="ResNet depth when it cannot be inferred (e.g. with 'random')")
+    p.add_argument("--encoder", default="query", choices=("query", "key"), help="which MoCo encoder to transfer")
+    p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (every registered task)")
+    p.add_argument("--trials", type=_positive, default=None,
+                   help="trials per task (default: the protocol's, e.g. 5 for VOC; 1 with --preset smoke)")
+    p.add_argument("--engine", default="auto", choices=("auto", "torchvision", "detectron2"))
+    p.add_argument("--preset", default="full", choices=PRESETS)
+    p.add_argument("--data-root", type=Path, default=None)
+    p.add_argument("--output", type=Path, default=Path("results"))
+    p.add_argument("--seed", type=int, default=None, help="base seed; trial k uses seed + k")
+    p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--no-report", action="store_true", help="do not write the tables at the end")
+    p.add_argument("overrides", nargs="*", help="key=value or task.key=value config overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Returns 0 when every trial finished ok, 1 when some failed, 2 when nothing could start."""
+    args = parse_args(argv)
+    from pretrain.utils.config import ConfigError
+    from transfer.registry import load_builtin_tasks, task_order
+    from transfer.runner import SuiteOptions, format_summary, one_line_error, route_overrides, run_suite, write_report
+    from transfer.weights.resolve import load_backbone_weights
+
+    try:
+        device = dist.select_device(args.device)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dist.init_distributed(device)
+    setup_logging(args.output / "run_all.log")
+    try:
+        known = load_builtin_tasks()
+        tasks = list(task_order()) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+        unknown = [t for t in tasks if t not in known]
+        if unknown or not tasks:
+            log.error("unknown task(s) %s; known: %s", ", ".join(unknown) or "(none given)", ", ".join(task_order()))
+            return 2
+        try:
+            route_overrides(tasks, args.overrides)
+        except ConfigError as e:
+            log.error("%s", e)
+            return 2
+        try:
+            weights = load_backbone_weights(args.weights, name=args.name, arch=args.arch, encoder=args.encoder)
+        except Exception as e:  # a bad --weights stops everything: no task could use it
+            log.error("cannot load --weights %s: %s", args.weights, one_line_error(e))
+            return 2
+        opts = SuiteOptions(tasks=tasks, trials=args.trials, engine=args.engine, preset=args.preset,
+                            output=args.output, data_root=args.data_root, seed=args.seed, overrides=args.overrides)
+        records = run_suite(weights, opts, device)
+        if dist.is_main():
+            print(format_summary(records))
+            if not args.no_report:
+                write_report(args.output)
+        return 0 if all(r.get("status") == "ok" for r in records if dist.is_main()) else 1
+    finally:
+        dist.cleanup_distributed()

@@ -1,0 +1,102 @@
+"""The built-in engine's iteration-based training loop (detection and segmentation).
+
+Detectron2's defaults as MoCo's detection configs use them: SGD with momentum, no weight decay on
+norm layers (``SOLVER.WEIGHT_DECAY_NORM 0``), linear warmup from ``0.001 x lr`` and step decay as a
+pure function of the iteration (``pretrain.schedule.warmup_multistep_lr``); samplers, sync BN and
+PreciseBN live beside this module.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pretrain.utils import dist
+
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def build_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float,
+              weight_decay_norm: float = 0.0) -> torch.optim.SGD:
+    """SGD with ``weight_decay_norm`` on the affine parameters of norm layers, ``weight_decay`` elsewhere."""
+    norm_params, other, seen = [], [], set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (norm_params if isinstance(module, _NORM_TYPES) else other).append(p)
+    groups = [{"params": other, "weight_decay": weight_decay}]
+    if norm_params:
+        groups.append({"params": norm_params, "weight_decay": weight_decay_norm})
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+def inference_loader(dataset: Dataset, num_workers: int, collate_fn: Callable) -> DataLoader:
+    """One image at a time, this rank's share of the dataset (rank r gets indices r, r + W, r + 2W, ...)."""
+    indices = list(range(dist.rank(), len(dataset), dist.world_size()))
+    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1, shuffle=False,
+                      num_workers=num_workers, collate_fn=collate_fn)
+
+
+def train_loop(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optimizer,
+               lr_at: Callable[[int], float], max_iter: int,
+               step: Callable[[nn.Module, object], Dict[str, torch.Tensor]],
+               tb_dir: Optional[Path] = None, log_period: int = 20) -> Dict[str, float]:
+    """Run ``max_iter`` iterations: set the lr, ``losses = step(model, batch)``, backprop their sum.
+
+    A progress bar (rank 0) shows iteration, loss and ETA; TensorBoard scalars go to ``tb_dir`` (rank 0).
+    Returns the last logged losses (averaged over processes). Non-finite losses stop the run (as Detectron2).
+    """
+    writer = None
+    if tb_dir is not None and dist.is_main():
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(tb_dir))
+    model.train()
+    last: Dict[str, float] = {}
+    bar = tqdm(range(max_iter), desc="train", disable=not dist.is_main(), dynamic_ncols=True)
+    start = time.time()
+    for it in bar:
+        lr = lr_at(it)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        losses = step(model, next(batches))
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            detail = {k: float(v) for k, v in losses.items()}
+            raise FloatingPointError(f"loss became {float(total)} at iteration {it}: {detail}")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        if (it + 1) % log_period == 0 or it + 1 == max_iter:
+            last = {k: dist.all_reduce_mean(v.detach()) for k, v in losses.items()}
+            last["total_loss"] = sum(last.values())
+            bar.set_postfix(loss=f"{last['total_loss']:.3f}", lr=f"{lr:.2e}")
+            if writer is not None:
+                for k, v in last.items():
+                    writer.add_scalar(f"train/{k}", v, it + 1)
+                writer.add_scalar("train/lr", lr, it + 1)
+                writer.add_scalar("train/seconds_per_iter", (time.time() - start) / (it + 1), it + 1)
+    if writer is not None:
+        writer.close()
+    return last
+
+
+def gather_objects(obj: object) -> List[object]:
+    """Every rank's ``obj`` on rank 0 (a list in rank order); ``[obj]`` on one process, ``[]`` on other ranks."""
+    if dist.world_size() == 1:
+        return [obj]
+    out = [None] * dist.world_size() if dist.is_main() else None
+    torch_dist.gather_object(obj, out, dst=0)
+    return out if dist.is_main() else []
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

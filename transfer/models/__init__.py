@@ -1,1 +1,0 @@
-"""Transfer models built from torchvision components (Faster R-CNN C4, ...)."""

@@ -1,0 +1,62 @@
+"""Config schemas shared by the detection and segmentation tasks (engine-independent).
+
+Names follow Detectron2's config keys in lower case, so that the Detectron2 engine can map them one to
+one; defaults are MoCo's detection protocol (``detection/configs/Base-RCNN-C4-BN.yaml``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+
+@dataclass(frozen=True)
+class C4Config:
+    """Faster R-CNN R50-C4: Detectron2's C4 defaults as MoCo uses them (names follow Detectron2's keys, lower case)."""
+    anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_pre_nms_topk_train: int = 12000
+    rpn_post_nms_topk_train: int = 2000
+    rpn_pre_nms_topk_test: int = 6000
+    rpn_post_nms_topk_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    roi_resolution: int = 14
+    roi_batch_size_per_image: int = 512
+    roi_positive_fraction: float = 0.25
+    smooth_l1_beta: float = 0.0  # RPN and box head; 0 = L1
+    extra_norm: bool = True  # MoCo's Res5ROIHeadsExtraNorm
+    test_score_thresh: float = 0.05
+    test_nms_thresh: float = 0.5
+    test_detections_per_img: int = 100
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Training scale augmentation and test size (Detectron2's ``INPUT.*``); flips are horizontal."""
+    min_size_train: List[int] = field(default_factory=lambda: list(range(480, 801, 32)))
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    size_divisible: int = 1  # Detectron2's ResNet C4 backbone: size_divisibility 0, pad only to the batch max
+    hflip_prob: float = 0.5
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    batch_size: int = 16  # total over all processes (Detectron2's IMS_PER_BATCH)
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0  # Detectron2's SOLVER.WEIGHT_DECAY_NORM default
+    iterations: int = 24000
+    steps: List[int] = field(default_factory=lambda: [18000, 22000])
+    gamma: float = 0.1
+    warmup_iters: int = 100
+    warmup_factor: float = 0.001
+
+
+@dataclass(frozen=True)
+class PreciseBNConfig:
+    enabled: bool = True
+    num_iters: int = 200
