@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from pretrain.data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform  # MoCo normalisation, 0-1 scale
@@ -149,9 +149,18 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     return [100.0 * hit[:, : min(k, maxk)].any(dim=1).double().mean().item() for k in ks]
 
 
-def _loader(root: Path, image_size: int, batch_size: int, workers: int, mean, std) -> DataLoader:
-    ds = LabelledImages(root, eval_transform(image_size, mean=mean, std=std))
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=False)
+def _features_everywhere(model: nn.Module, ds: LabelledImages, device: torch.device, batch_size: int,
+                         workers: int) -> Tuple[torch.Tensor, torch.Tensor] | None:
+    """Each rank extracts one contiguous part of ``ds``; rank 0 gets (feats (N, D), labels (N,)) in dataset
+    order, the other ranks None. No rank waits idle on a barrier while one extracts everything."""
+    part = torch.tensor_split(torch.arange(len(ds)), dist.world_size())[dist.rank()].tolist()
+    loader = DataLoader(Subset(ds, part), batch_size=batch_size, shuffle=False, num_workers=workers)
+    mine = extract_features(model, loader, device) if part else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    parts = dist.gather_objects(mine)
+    if not dist.is_main():
+        return None
+    parts = [p for p in parts if p[0].numel()]
+    return torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts])
 
 
 def knn_eval(
@@ -166,22 +175,24 @@ def knn_eval(
     workers: int = 0,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-) -> dict:
+) -> dict | None:
     """kNN top-1/top-5 (percent) of ``model``'s features: train folder as memory bank, val folder as queries.
 
-    ``model`` maps images (N, 3, H, W) -> features (N, D); pass the bare backbone (not a DDP wrapper:
-    DDP's forward broadcasts buffers and would hang if only rank 0 runs the monitor). Both folders
-    are ``<root>/<wnid>/*.JPEG``, read with the eval transform Resize + CenterCrop(image_size).
+    ``model`` maps images (N, 3, H, W) -> features (N, D); pass the bare backbone (not a DDP wrapper).
+    Both folders are ``<root>/<wnid>/*.JPEG``, read with the eval transform Resize + CenterCrop(image_size).
+    Under torchrun every rank must call it: each extracts its share, rank 0 scores and returns the
+    metrics, the others return None.
     """
-    train_loader = _loader(Path(train_root), image_size, batch_size, workers, mean, std)
-    val_loader = _loader(Path(val_root), image_size, batch_size, workers, mean, std)
-    if train_loader.dataset.classes != val_loader.dataset.classes:  # type: ignore[attr-defined]
+    tf = eval_transform(image_size, mean=mean, std=std)
+    train_ds, val_ds = LabelledImages(train_root, tf), LabelledImages(val_root, tf)
+    if train_ds.classes != val_ds.classes:
         raise DatasetLayoutError(f"{train_root} and {val_root} have different class folders")
-    train_feats, train_labels = extract_features(model, train_loader, device)
-    val_feats, val_labels = extract_features(model, val_loader, device)
-    train_feats = F.normalize(train_feats, dim=1)
-    val_feats = F.normalize(val_feats.to(device), dim=1)
-    num_classes = len(train_loader.dataset.classes)  # type: ignore[attr-defined]
-    scores = knn_predict(train_feats, train_labels, val_feats, num_classes, k, temperature)
-    top1, top5 = topk_accuracy(scores, val_labels, (1, 5))
+    train = _features_everywhere(model, train_ds, device, batch_size, workers)
+    val = _features_everywhere(model, val_ds, device, batch_size, workers)
+    if train is None or val is None:
+        return None
+    train_feats = F.normalize(train[0], dim=1)
+    val_feats = F.normalize(val[0].to(device), dim=1)
+    scores = knn_predict(train_feats, train[1], val_feats, len(train_ds.classes), k, temperature)
+    top1, top5 = topk_accuracy(scores, val[1], (1, 5))
     return {"knn_top1": top1, "knn_top5": top5}

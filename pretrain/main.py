@@ -1,9 +1,9 @@
 """``main(cfg)``: wire device, process group, model, data, optimizer, resume and the loop together."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +14,14 @@ from pretrain import checkpoint as ckpt_io
 from pretrain.config import PretrainConfig, check_run, effective_lr, effective_summary, per_process_batch
 from pretrain.data.loader import build_pretrain_loader
 from pretrain.engine import train_one_epoch
-from pretrain.moco import PooledBackbone, build_moco
+from pretrain.moco import build_moco
+from pretrain.resnet import PooledBackbone
 from pretrain.schedule import lr_at
 from pretrain.utils import dist
 from pretrain.utils.config import config_to_dict, config_to_yaml
 from pretrain.utils.env import collect_env
 from pretrain.utils.io import atomic_write_json, atomic_write_text
-from pretrain.utils.logs import setup_logging
+from pretrain.utils.logs import format_epoch_summary, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +33,17 @@ def _seed_everything(seed: int) -> None:
 
 
 def _maybe_knn(cfg: PretrainConfig, moco, device: torch.device, epoch: int) -> dict | None:
-    """kNN monitor on rank 0 with the query backbone (pooled features); guarded if pretrain/knn.py is absent."""
+    """kNN monitor with the query backbone (pooled features): every rank extracts its share of the
+    images, rank 0 scores (App. A.9's monitor). Returns the metrics on rank 0, None elsewhere."""
     m = cfg.monitor
     if m.knn_every <= 0 or epoch % m.knn_every:
         return None
-    result = None
-    if dist.is_main():
-        if importlib.util.find_spec("pretrain.knn") is None:
-            log.warning("monitor.knn_every=%d but pretrain/knn.py is not available: kNN monitor skipped", m.knn_every)
-        else:
-            from pretrain.knn import knn_eval
+    from pretrain.knn import knn_eval
 
-            backbone = PooledBackbone(moco.encoder_q)
-            result = knn_eval(backbone, Path(m.knn_train), Path(m.knn_val), device, cfg.data.image_size,
-                              k=m.k, temperature=m.t, batch_size=m.batch_size, workers=min(cfg.data.workers, 4))
-            log.info("epoch %d kNN: %s", epoch, result)
-        moco.train()
+    backbone = PooledBackbone(moco.encoder_q)  # the bare module: DDP's forward would sync buffers
+    result = knn_eval(backbone, Path(m.knn_train), Path(m.knn_val), device, cfg.data.image_size,
+                      k=m.k, temperature=m.t, batch_size=m.batch_size, workers=min(cfg.data.workers, 4))
+    moco.train()
     dist.barrier()
     return result
 
@@ -138,6 +134,7 @@ def main(cfg: PretrainConfig) -> dict:
 
     shard_iter = iter(loader) if sampler is None else None
     stats: dict = {}
+    run_start = time.perf_counter()
     for epoch in range(start.epoch, num_epochs):
         start_iter = start.start_iter if epoch == start.epoch else 0
         n_iters = epoch_len(epoch) - start_iter
@@ -151,7 +148,6 @@ def main(cfg: PretrainConfig) -> dict:
             on_iter_end=on_iter_end,
         )
         state["skipped"] += stats["skipped_images"]
-        log.info("epoch %d done: %s", epoch, stats)
         save(ckpt_io.LAST, epoch + 1, 0)
         if (epoch + 1) % cfg.run.save_every_epochs == 0 or epoch + 1 == num_epochs:
             save(f"checkpoint_{epoch + 1:04d}.pth", epoch + 1, 0)
@@ -161,6 +157,9 @@ def main(cfg: PretrainConfig) -> dict:
             if writer is not None:
                 for k, v in knn.items():
                     writer.add_scalar(f"monitor/{k}", v, state["step"])
+        done = epoch + 1 - start.epoch
+        eta = (time.perf_counter() - run_start) / done * (num_epochs - epoch - 1)
+        log.info("%s", format_epoch_summary(epoch + 1, num_epochs, stats, eta))
         if dist.is_main():
             atomic_write_json(out / "last_stats.json", {"epoch": epoch + 1, "global_step": state["step"], **stats})
     if writer is not None:

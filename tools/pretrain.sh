@@ -27,7 +27,27 @@ if [[ -z "$nproc" ]]; then
   [[ "$nproc" -ge 1 ]] || nproc=1
 fi
 
-exec "$PYTHON" -m torch.distributed.run \
+# Each rank's output is teed into a log folder, so that when a rank fails its first error line can be
+# shown last, below torchrun's summary (which otherwise buries it).
+logdir="$(mktemp -d "${TMPDIR:-/tmp}/pretrain_ranks.XXXXXX")"
+set +e
+"$PYTHON" -m torch.distributed.run \
   --nnodes="$nodes" --node-rank="$node_rank" --nproc-per-node="$nproc" \
-  --master-addr="$master_addr" --master-port="$master_port" \
+  --master-addr="$master_addr" --master-port="$master_port" --log-dir="$logdir" --tee=3 \
   "$HERE/train_moco.py" "${args[@]}"
+rc=$?
+set -e
+if [[ $rc -ne 0 ]]; then
+  # lowest local rank first; an error line is ours ("error: ...") or a Python exception's last line
+  while IFS= read -r f; do
+    line="$(grep -m1 -E '^(error: |[A-Za-z_][A-Za-z0-9_.]*(Error|Exception)(: |$))' "$f" || true)"
+    if [[ -n "$line" ]]; then
+      rank="$(basename "$(dirname "$f")")"
+      echo "pretrain.sh: local rank $rank failed first with: $line (all rank logs: $logdir)" >&2
+      break
+    fi
+  done < <(find "$logdir" -name stderr.log | sort -t/ -k1,1 -V)
+else
+  rm -rf "$logdir"
+fi
+exit $rc

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from pretrain.config import load_pretrain_config
 from pretrain.main import main
 from pretrain.utils import dist
@@ -14,6 +16,7 @@ from pretrain.utils.config import ConfigError
 from pretrain.utils.io import CheckpointError
 
 
+@record  # under torchrun: the failing rank's exception goes into torchrun's error summary
 def cli(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML under configs/pretrain/")

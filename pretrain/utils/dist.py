@@ -110,3 +110,12 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
     """The mean of a scalar over processes, as a Python float (a host sync: for logging, not the hot path)."""
     t = torch.as_tensor(value, dtype=torch.float64).detach().clone()
     return float(all_reduce_sum(t)) / world_size()
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's ``obj`` on rank 0 (a list in rank order); ``[obj]`` on one process, ``[]`` on other ranks."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out if is_main() else []

@@ -105,6 +105,18 @@ def test_pretrain_sh_two_cpu_processes(tmp_path, tiny_folders):
     assert ckpt["global_step"] == 4 and int(ckpt["state_dict"]["module.queue_ptr"]) == 0  # 4 x 16 keys wrapped K=32
 
 
+def test_pretrain_sh_names_the_failing_ranks_error(tmp_path):
+    """torchrun's summary buries a rank's error: the launcher repeats its first error line last."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    cmd = ["bash", str(REPO / "tools" / "pretrain.sh"), "--nproc", "2", "--master-port", str(_free_port()),
+           "--config", str(REPO / "configs" / "pretrain" / "smoke.yaml"), f"data.root={tmp_path / 'nowhere'}",
+           f"run.output_dir={tmp_path / 'out'}", "run.device=cpu", "monitor.knn_every=0"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "failed first with: error: dataset folder not found" in last and "nowhere/train" in last, last
+
+
 def test_training_steps_lower_the_loss(tmp_path, tiny_folders):
     """The project's step on real augmented views lowers Eq. 1 on that batch (fixed keys and queue)."""
     import torch.nn.functional as F

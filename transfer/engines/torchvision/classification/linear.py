@@ -124,7 +124,9 @@ def train_linear(
         if last or (optim.eval_every > 0 and (epoch + 1) % optim.eval_every == 0):
             metrics = evaluate(model, val_loader, device)
             history[-1].update(metrics)
-        log.info("linear epoch %d: %s", epoch, history[-1])
+        h = history[-1]
+        acc = f"  top1 {h['top1']:.2f}  top5 {h['top5']:.2f}" if "top1" in h else ""
+        log.info("linear epoch %d/%d  loss %.4f  lr %.3g%s", epoch + 1, optim.epochs, h["loss"], h["lr"], acc)
         if checkpoint is not None and dist.is_main():
             atomic_torch_save({"epoch": epoch + 1, "fc": model.fc.state_dict(), "optimizer": opt.state_dict(),
                                "backbone_digest": digest, "history": history}, checkpoint)

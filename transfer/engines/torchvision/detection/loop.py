@@ -7,17 +7,20 @@ PreciseBN live beside this module.
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pretrain.utils import dist
+from pretrain.utils.logs import format_duration
+
+log = logging.getLogger(__name__)
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -79,6 +82,11 @@ def train_loop(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optim
             last = {k: dist.all_reduce_mean(v.detach()) for k, v in losses.items()}
             last["total_loss"] = sum(last.values())
             bar.set_postfix(loss=f"{last['total_loss']:.3f}", lr=f"{lr:.2e}")
+            elapsed = time.time() - start
+            parts = "  ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "total_loss")
+            log.info("iter %d/%d  loss %.3f (%s)  lr %.3g  %.2f s/iter  eta %s", it + 1, max_iter,
+                     last["total_loss"], parts, lr, elapsed / (it + 1),
+                     format_duration(elapsed / (it + 1) * (max_iter - it - 1)))
             if writer is not None:
                 for k, v in last.items():
                     writer.add_scalar(f"train/{k}", v, it + 1)
@@ -87,15 +95,6 @@ def train_loop(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optim
     if writer is not None:
         writer.close()
     return last
-
-
-def gather_objects(obj: object) -> List[object]:
-    """Every rank's ``obj`` on rank 0 (a list in rank order); ``[obj]`` on one process, ``[]`` on other ranks."""
-    if dist.world_size() == 1:
-        return [obj]
-    out = [None] * dist.world_size() if dist.is_main() else None
-    torch_dist.gather_object(obj, out, dst=0)
-    return out if dist.is_main() else []
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -49,7 +49,7 @@ def evaluate_voc(model: torch.nn.Module, cfg: VOCDetConfig, data_root: Path, inp
         # model labels are 1..20 (0 = background); the evaluator wants 0-based class indices
         evaluator.process(targets[0]["image_id"], out["boxes"].cpu().numpy(), out["scores"].cpu().numpy(),
                           out["labels"].cpu().numpy() - 1)
-    gathered = loop.gather_objects(dict(evaluator.dets))
+    gathered = dist.gather_objects(dict(evaluator.dets))
     if not dist.is_main():
         return {}
     evaluator.dets.clear()

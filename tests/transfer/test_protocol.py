@@ -1,0 +1,97 @@
+"""What makes two results "the same protocol", how overrides reach tasks, and what the CLI refuses."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from pretrain.utils.config import ConfigError, load_config, protocol_hash
+from transfer.cli import main
+from transfer.registry import TASKS, get_task, load_builtin_tasks
+from transfer.runner import config_path, route_overrides
+
+load_builtin_tasks()
+
+# further shrinks of each task's smoke preset, so that every registered task runs in a few seconds
+TINY = {
+    "detection": ["solver.iterations=2", "solver.batch_size=2", "precise_bn.num_iters=1", "input.min_size_train=[64]",
+                  "input.min_size_test=64", "input.max_size_train=96", "input.max_size_test=96",
+                  "model.rpn_post_nms_topk_train=16", "model.rpn_post_nms_topk_test=8",
+                  "model.roi_batch_size_per_image=8"],
+    "imagenet_linear": ["optim.epochs=1", "optim.lr_steps=[]"],
+    "imagenet_linear_fast": ["probe.max_iter=3"],
+}
+
+
+def _tiny(task: str) -> list:
+    return [f"{task}.{o}" for o in TINY.get(task, TINY.get(TASKS[task].family, []))]
+
+
+def _cfg(task: str, *overrides: str):
+    spec = get_task(task)
+    return load_config(spec.schema, config_path(spec, "full"), list(overrides))
+
+
+def test_protocol_hash_ignores_run_settings_only():
+    base = protocol_hash(_cfg("voc07_det"))
+    # workers, log period: how a run is executed, not what it measures
+    assert protocol_hash(_cfg("voc07_det", "data.num_workers=0", "log_period=1")) == base
+    assert protocol_hash(dataclasses.replace(_cfg("voc07_det"), seed=7)) == base  # the seed is per trial
+    assert protocol_hash(_cfg("voc07_det", "solver.base_lr=0.01")) != base
+    assert protocol_hash(_cfg("voc07_det", "input.min_size_test=600")) != base
+    knn = protocol_hash(_cfg("imagenet_knn"))
+    assert protocol_hash(_cfg("imagenet_knn", "features.batch_size=7", "knn.chunk_size=3", "data.workers=1")) == knn
+    assert protocol_hash(_cfg("imagenet_knn", "knn.k=20")) != knn
+
+
+def test_overrides_are_routed_per_task():
+    routed = route_overrides(["voc07_det", "imagenet_knn"],
+                             ["solver.iterations=5", "knn.k=10", "voc07_det.log_period=1", "imagenet_knn.data.workers=0",
+                              "seed=3"])
+    # seed is a key of the VOC schema only
+    assert routed["voc07_det"] == ["solver.iterations=5", "log_period=1", "seed=3"]
+    assert routed["imagenet_knn"] == ["knn.k=10", "data.workers=0"]
+    with pytest.raises(ConfigError, match=r"no selected task has the config key 'solver\.lr'.*voc07_det, imagenet_knn"):
+        route_overrides(["voc07_det", "imagenet_knn"], ["solver.lr=1"])
+    with pytest.raises(ConfigError, match="task 'voc0712_det', which is not selected"):
+        route_overrides(["voc07_det"], ["voc0712_det.solver.iterations=1"])
+    with pytest.raises(ConfigError, match="task 'imagenet_knn' has no config key 'solver.iterations'"):
+        route_overrides(["imagenet_knn"], ["imagenet_knn.solver.iterations=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        route_overrides(["imagenet_knn"], ["knn.k"])
+
+
+def test_cli_refusals_are_one_clear_line(tmp_path, capsys):
+    out = ["--output", str(tmp_path)]
+    assert main(["--weights", "random", "--tasks", "voc07_det,no_such_task", *out]) == 2
+    assert "unknown task(s) no_such_task; known:" in capsys.readouterr().err
+    assert main(["--weights", "random", "--tasks", "imagenet_knn", "solver.iterations=1", *out]) == 2
+    assert "no selected task has the config key 'solver.iterations'" in capsys.readouterr().err
+    assert main(["--weights", str(tmp_path / "missing.pth"), "--tasks", "imagenet_knn", *out]) == 2
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "cannot load --weights" in x]
+    assert line.count("Error:") == 1 and "weights not found" in line
+    for bad, why in ((["--trials", "0"], "must be at least 1"), (["--device", "gpu"], "not one of auto, cpu, cuda")):
+        with pytest.raises(SystemExit) as e:
+            main(["--weights", "random", *bad, *out])
+        assert e.value.code == 2 and why in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_task_runs_its_smoke_preset_on_its_synthetic_data(task, tmp_path):
+    """Every registered task: a spec, both presets, a synthetic-data maker, and a smoke run that writes
+    metrics.json with its headline metrics; a rerun with other run settings continues (skips) it."""
+    spec = TASKS[task]
+    assert spec.make_synthetic is not None and spec.metrics and spec.effective is not None
+    assert config_path(spec, "full").is_file() and config_path(spec, "smoke").is_file()
+    args = ["--weights", "random", "--arch", "resnet18", "--tasks", task, "--preset", "smoke", "--output",
+            str(tmp_path), "--engine", "torchvision", "--no-report", *_tiny(task)]
+    assert main(args) == 0
+    trial = tmp_path / "random-resnet18" / task / "trial0"
+    rec = json.loads((trial / "metrics.json").read_text())
+    assert rec["status"] == "ok" and set(spec.metrics) <= set(rec["metrics"])
+    assert "loss" in (trial / "log.txt").read_text() or spec.family == "classification"
+    mtime = (trial / "metrics.json").stat().st_mtime
+    workers = "data.num_workers=1" if "num_workers" in (trial / "config.yaml").read_text() else "data.workers=1"
+    assert main(args + [workers]) == 0  # another worker count: the same protocol, so skipped
+    assert (trial / "metrics.json").stat().st_mtime == mtime
