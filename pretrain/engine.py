@@ -25,13 +25,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, im_q: torch.T
                amp_bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on the InfoNCE loss (Eq. 1). im_q, im_k: (B, 3, H, W) on the model's device.
 
-    Returns the detached loss () and logits (B, 1 + K).
+    Returns the detached loss () and logits (B, 1 + K), both still on the device: nothing here waits
+    for the GPU (no ``.item()``), so the host queues the next step while this one runs.
     """
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp_bf16 and im_q.is_cuda
                 else contextlib.nullcontext())
     with autocast:
-        logits, labels = model(im_q, im_k)
-        loss = F.cross_entropy(logits, labels)
+        logits, labels = model(im_q, im_k)  # the encoders in bf16, the logits in fp32 (info_nce_logits)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        loss = F.cross_entropy(logits.float(), labels)  # Eq. 1 in fp32
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

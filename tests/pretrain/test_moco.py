@@ -1,4 +1,5 @@
-"""MoCo model invariants: InfoNCE vs a slow loop, momentum rule, queue FIFO, key layout, split BN."""
+"""MoCo model invariants: InfoNCE vs a slow loop and in fp32 under autocast, momentum rule, queue FIFO,
+key layout, shuffle BN groups (split BN against its slow reference: test_split_bn.py)."""
 from __future__ import annotations
 
 import pytest
@@ -87,25 +88,30 @@ def test_balanced_shuffle_spreads_every_group(groups, size):
 
 
 class RecordingEncoder(nn.Module):
-    """Records which sample ids (stored in pixel [0, 0, 0]) each forward call (= one BN batch) saw."""
+    """Records which sample ids (stored in pixel [0, 0, 0]) each BN group saw: SplitBatchNorm2d's contract
+    is that rows ``g::splits`` of the one batch it receives form group ``g``."""
 
-    def __init__(self):
+    def __init__(self, splits: int):
         super().__init__()
+        self.splits = splits
         self.calls: list[set[int]] = []
         self.w = nn.Parameter(torch.ones(1))
 
     def forward(self, x):
-        self.calls.append({int(v) for v in x[:, 0, 0, 0]})
+        ids = x[:, 0, 0, 0]
+        self.calls += [{int(v) for v in ids[g::self.splits]} for g in range(self.splits)]
         return x[:, 0, 0, :2] * self.w
 
 
 def test_single_device_split_bn_keeps_query_and_key_apart():
     ids = torch.arange(16).float().view(16, 1, 1, 1).expand(16, 3, 2, 2).contiguous()
-    enc_q, enc_k = RecordingEncoder(), RecordingEncoder()
-    grouped_forward(enc_q, ids, 4)
+    enc_q, enc_k = RecordingEncoder(4), RecordingEncoder(4)
+    queries = grouped_forward(enc_q, ids, 4)
     keys = shuffled_key_forward(enc_k, ids, 4)
+    assert torch.equal(queries[:, 0], torch.arange(16).float())  # back in input order
     assert torch.equal(keys[:, 0], torch.arange(16).float())  # unshuffled back to input order
-    assert len(enc_q.calls) == len(enc_k.calls) == 4
+    assert enc_q.calls == [set(range(4 * g, 4 * g + 4)) for g in range(4)]  # query groups: contiguous chunks
+    assert len(enc_k.calls) == 4
     for i in range(16):
         q_batch = next(c for c in enc_q.calls if i in c)
         k_batch = next(c for c in enc_k.calls if i in c)
@@ -118,6 +124,50 @@ def test_single_device_eval_keys_equal_plain_forward():
     enc = tiny_encoder().eval()
     x = torch.randn(8, 3, 6, 6)
     assert torch.allclose(shuffled_key_forward(enc, x, 4), enc(x), atol=1e-6)
+
+
+def test_logits_stay_fp32_under_bf16_autocast():
+    """On CPU, autocast casts matmul to bf16 too: without the autocast-off region in info_nce_logits the
+    negatives (q @ queue) are off by ~2e-2 here."""
+    torch.manual_seed(0)
+    q, kk = F.normalize(torch.randn(8, 128), dim=1), F.normalize(torch.randn(8, 128), dim=1)
+    queue = F.normalize(torch.randn(128, 4096), dim=0)
+    ref = info_nce_logits(q, kk, queue, 0.07)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = info_nce_logits(q.bfloat16(), kk.bfloat16(), queue, 0.07)
+        assert logits.dtype == torch.float32
+        assert torch.allclose(info_nce_logits(q, kk, queue, 0.07), ref, atol=1e-6, rtol=0)
+    # bf16 features: only their own rounding (|q| <= 1, 8 bits) remains, not a bf16 matmul's
+    assert torch.allclose(logits, ref, atol=0.15)
+
+
+def test_queue_is_fp32_and_filled_without_host_sync():
+    m = MoCo(lambda: tiny_encoder(8), dim=8, queue_size=16, bn_splits=2)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = m(x, x + 0.1)
+    assert logits.dtype == m.queue.dtype == torch.float32
+    assert m.to(torch.bfloat16).queue.dtype == torch.float32  # even when the model itself is cast
+    assert int(m.queue_ptr) == 4
+
+
+def test_train_step_never_reads_a_tensor_on_the_host(monkeypatch):
+    """A CPU stand-in for a GPU sync check: no ``.item()``, ``float(t)``, ``int(t)``, ``if t:`` or
+    ``.tolist()`` anywhere in a step (each would make the host wait for the GPU)."""
+    from pretrain.engine import train_step
+
+    m = MoCo(lambda: build_encoder("resnet18", 8, True, 16), dim=8, queue_size=16, bn_splits=4)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(8, 3, 32, 32)
+    train_step(m, opt, x, x + 0.1, amp_bf16=True)  # warm-up: optimizer state created outside the check
+
+    def no_host_read(*_, **__):
+        raise AssertionError("a tensor was read on the host inside the training step")
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, no_host_read)
+    loss, logits = train_step(m, opt, x, x + 0.1, amp_bf16=True)
+    monkeypatch.undo()
+    assert loss.dtype == logits.dtype == torch.float32 and int(m.queue_ptr) == 0
 
 
 def test_shuffle_bn_off_is_never_silent(caplog):
