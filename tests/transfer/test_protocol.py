@@ -40,6 +40,7 @@ def test_protocol_hash_ignores_run_settings_only():
     assert protocol_hash(dataclasses.replace(_cfg("voc07_det"), seed=7)) == base  # the seed is per trial
     assert protocol_hash(_cfg("voc07_det", "solver.base_lr=0.01")) != base
     assert protocol_hash(_cfg("voc07_det", "input.min_size_test=600")) != base
+    assert protocol_hash(_cfg("voc07_det", "precision.amp_bf16=true")) != base  # bf16 changes the numbers
     knn = protocol_hash(_cfg("imagenet_knn"))
     assert protocol_hash(_cfg("imagenet_knn", "features.batch_size=7", "knn.chunk_size=3", "data.workers=1")) == knn
     assert protocol_hash(_cfg("imagenet_knn", "knn.k=20")) != knn

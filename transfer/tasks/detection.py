@@ -60,3 +60,11 @@ class SolverConfig:
 class PreciseBNConfig:
     enabled: bool = True
     num_iters: int = 200
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """GPU speed switches (ignored on CPU). Off by default: the paper's numbers are fp32 NCHW, and both
+    switches are part of a result's protocol identity, so runs with and without them never average."""
+    amp_bf16: bool = False  # bf16 autocast for the forward pass (losses are summed in fp32)
+    channels_last: bool = False

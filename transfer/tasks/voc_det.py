@@ -13,7 +13,7 @@ from typing import Dict, List
 
 from pretrain.utils.config import run_setting
 from transfer.registry import PublishedRows, TaskSpec, register_task
-from transfer.tasks.detection import C4Config, InputConfig, PreciseBNConfig, SolverConfig
+from transfer.tasks.detection import C4Config, InputConfig, PrecisionConfig, PreciseBNConfig, SolverConfig
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class VOCDetConfig:
     model: C4Config = field(default_factory=C4Config)
     solver: SolverConfig = field(default_factory=SolverConfig)
     precise_bn: PreciseBNConfig = field(default_factory=PreciseBNConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     seed: int = 0
     log_period: int = run_setting(20)
 
@@ -43,7 +44,8 @@ def effective(cfg: VOCDetConfig, world_size: int) -> Dict[str, object]:
                          f"set it explicitly (nothing is rescaled automatically)")
     return {"batch_size": cfg.solver.batch_size, "batch_per_process": cfg.solver.batch_size // world_size,
             "base_lr": cfg.solver.base_lr, "iterations": cfg.solver.iterations, "steps": list(cfg.solver.steps),
-            "world_size": world_size}
+            "world_size": world_size, "amp_bf16": cfg.precision.amp_bf16,  # GPU only
+            "channels_last": cfg.precision.channels_last}
 
 
 def make_synthetic(data_root: Path) -> None:

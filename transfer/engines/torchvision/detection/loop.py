@@ -51,8 +51,10 @@ def inference_loader(dataset: Dataset, num_workers: int, collate_fn: Callable) -
 def train_loop(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optimizer,
                lr_at: Callable[[int], float], max_iter: int,
                step: Callable[[nn.Module, object], Dict[str, torch.Tensor]],
-               tb_dir: Optional[Path] = None, log_period: int = 20) -> Dict[str, float]:
+               tb_dir: Optional[Path] = None, log_period: int = 20, amp_bf16: bool = False) -> Dict[str, float]:
     """Run ``max_iter`` iterations: set the lr, ``losses = step(model, batch)``, backprop their sum.
+
+    ``amp_bf16``: the step's forward under bf16 autocast on a GPU (ignored on CPU); losses summed in fp32.
 
     A progress bar (rank 0) shows iteration, loss and ETA; TensorBoard scalars go to ``tb_dir`` (rank 0).
     Returns the last logged losses (averaged over processes). Non-finite losses stop the run (as Detectron2).
@@ -63,6 +65,7 @@ def train_loop(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optim
 
         writer = SummaryWriter(str(tb_dir))
     model.train()
+    use_amp = amp_bf16 and next(model.parameters()).is_cuda
     last: Dict[str, float] = {}
     bar = tqdm(range(max_iter), desc="train", disable=not dist.is_main(), dynamic_ncols=True)
     start = time.time()
@@ -70,8 +73,9 @@ def train_loop(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optim
         lr = lr_at(it)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        losses = step(model, next(batches))
-        total = sum(losses.values())
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            losses = step(model, next(batches))
+        total = sum(v.float() for v in losses.values())
         if not torch.isfinite(total):
             detail = {k: float(v) for k, v in losses.items()}
             raise FloatingPointError(f"loss became {float(total)} at iteration {it}: {detail}")

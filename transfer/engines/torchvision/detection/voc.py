@@ -69,6 +69,8 @@ def _run_voc(cfg: VOCDetConfig, weights: BackboneWeights, ctx: TrialContext) -> 
              cfg.data.train_sets, weights.info(), eff)
     dataset = VOCDetection(train, weights.input_format, hflip_prob=cfg.input.hflip_prob)
     model = build_faster_rcnn_c4(weights, len(VOC_CLASSES), cfg.model, cfg.input)
+    if cfg.precision.channels_last and ctx.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     model = prepare_distributed(model, ctx.device)
     s = cfg.solver
     optimizer = loop.build_sgd(model, s.base_lr, s.momentum, s.weight_decay, s.weight_decay_norm)
@@ -79,7 +81,8 @@ def _run_voc(cfg: VOCDetConfig, weights: BackboneWeights, ctx: TrialContext) -> 
     batches = infinite_loader(dataset, eff["batch_per_process"], ctx.seed, cfg.data.num_workers,
                                  collate_detection, groups=orientation)
     losses = loop.train_loop(model, batches, optimizer, lr_at, s.iterations, step,
-                           tb_dir=ctx.output_dir / "tensorboard", log_period=cfg.log_period)
+                           tb_dir=ctx.output_dir / "tensorboard", log_period=cfg.log_period,
+                           amp_bf16=cfg.precision.amp_bf16)
     if cfg.precise_bn.enabled:
         precise_bn(model, batches, cfg.precise_bn.num_iters, step)
     metrics = evaluate_voc(model, cfg, ctx.data_root, weights.input_format, ctx.device)
