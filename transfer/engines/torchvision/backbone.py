@@ -1,4 +1,4 @@
-"""torchvision ResNets built from :class:`BackboneWeights`, with the exact load result asserted.
+"""Loading :class:`BackboneWeights` into the built-in engine's torchvision models, exactly or not at all.
 
 Detection fine-tuning trains every layer with BN in training mode (MoCo's detection configs:
 FREEZE_AT 0, SyncBN), so plain ``nn.BatchNorm2d`` is used, never torchvision's ``FrozenBatchNorm2d``.
@@ -13,6 +13,7 @@ from torch import nn
 
 from transfer.weights.conversion import state_mismatch
 from transfer.weights.resolve import BackboneWeights
+
 
 class WeightLoadError(RuntimeError):
     """The backbone weights did not fill the backbone exactly."""
