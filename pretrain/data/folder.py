@@ -25,6 +25,11 @@ class DatasetLayoutError(FileNotFoundError):
     """An image folder is missing, or not split into one sub-folder per class."""
 
 
+def class_names(split_dir: Path) -> list[str]:
+    """The sorted class sub-folder names of ``split_dir`` (hidden folders ignored): index = label."""
+    return sorted(d.name for d in Path(split_dir).iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def scan_class_folders(split_dir: Path) -> list[tuple[Path, int]]:
     """Sorted ``(path, class_index)`` pairs under ``split_dir/<class>/``; one clear error if none.
 
@@ -34,7 +39,7 @@ def scan_class_folders(split_dir: Path) -> list[tuple[Path, int]]:
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise DatasetLayoutError(f"dataset folder not found: {split_dir} (expected layout {LAYOUT})")
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = class_names(split_dir)
     loose = [p for p in split_dir.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
     if loose or not classes:
         what = f"{len(loose)} images directly inside it" if loose else "no class folders"
@@ -65,7 +70,7 @@ class LabelledImages(Dataset):
     def __init__(self, root: str | Path, transform: Callable | None = None) -> None:
         self.root = str(root)
         items = scan_class_folders(Path(root))
-        self.classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
+        self.classes = class_names(Path(root))
         self.samples = [(str(p), c) for p, c in items]
         self.transform = transform
         self.loader = load_rgb
