@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import traceback
+import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -79,17 +80,12 @@ def _schema_has(schema: type, dotted: str) -> bool:
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(node):
             return False
-        hit = {f.name: f for f in dataclasses.fields(node)}.get(part)
-        if hit is None:
+        # the resolved annotation: with postponed evaluation ``Field.type`` is only a string
+        hints = typing.get_type_hints(node)
+        if part not in hints:
             return False
-        node = hit.type if dataclasses.is_dataclass(hit.type) else _field_type(node, part)
+        node = hints[part]
     return True
-
-
-def _field_type(cls: type, name: str) -> Any:
-    import typing
-
-    return typing.get_type_hints(cls).get(name)
 
 
 def route_overrides(tasks: Sequence[str], overrides: Sequence[str]) -> Dict[str, List[str]]:
