@@ -1,6 +1,6 @@
 """Write the built-in synthetic datasets (real on-disk formats) used by tests and ``--preset smoke``.
 
-    python tools/make_synthetic_data.py --root data/synthetic [--kinds imagenet,shards,voc]
+    python tools/make_synthetic_data.py --root data/synthetic [--kinds imagenet,shards,voc,coco]
 """
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ def main() -> None:
 
         make_vocdevkit(a.root / "VOCdevkit", seed=a.seed)
         print(f"wrote {a.root / 'VOCdevkit'}")
+    if "coco" in kinds:
+        from transfer.data.synthetic.coco import make_coco
+
+        print(f"wrote {make_coco(a.root, seed=a.seed)}")
 
 
 if __name__ == "__main__":
