@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 if TYPE_CHECKING:
     from transfer.context import TrialContext
+    from transfer.doctor import DataReport
     from transfer.weights.resolve import BackboneWeights
 
 # engine(cfg, weights, ctx) -> {"AP50": 81.2, ...}
@@ -57,6 +58,13 @@ class TaskSpec:
     make_synthetic: Optional[Callable[[Path], None]] = None
     # trials the protocol averages over (MoCo: 5 for VOC detection); --trials overrides, smoke runs 1
     protocol_trials: int = 1
+    # (data_root, cfg, quick) -> the dataset doctor's report (``transfer.doctor``): the expected layout and
+    # one Finding per split (ok / partial / missing / malformed, with the fix). ``quick`` (run by run_all
+    # before the task): layout, split lists, counts, a couple of images decoded; else a larger sample and
+    # every annotation. A new task's check is a few calls to the doctor's blocks (check_class_folders,
+    # check_json, check_images, missing_dir) with its sizes from ``transfer.doctor.DATASET_SIZES``.
+    # None: the doctor prints "no check" and run_all starts the task unchecked.
+    check_data: Optional[Callable[[Path, Any, bool], "DataReport"]] = None
     published: Tuple[PublishedRows, ...] = ()
     engines: Dict[str, EngineFn] = field(default_factory=dict)
 

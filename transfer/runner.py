@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 import traceback
 import typing
@@ -140,6 +141,22 @@ def ensure_synthetic(spec: TaskSpec, data_root: Path) -> None:
     dist.barrier()
 
 
+def check_dataset(spec: TaskSpec, cfg: Any, data_root: Path) -> Optional[str]:
+    """The dataset doctor's quick check (rank 0; the verdict goes to every rank): its message when the task
+    cannot run, else None (``partial`` data is logged as a warning and runs)."""
+    from transfer.doctor import PARTIAL, DatasetCheckError, require_data
+
+    error = None
+    if dist.is_main() and spec.check_data is not None:
+        try:
+            report = require_data(spec.name, data_root, cfg)
+            if report.status == PARTIAL:
+                log.warning("%s", report.message())
+        except DatasetCheckError as e:
+            error = f"DatasetCheckError: {e}"
+    return dist.broadcast_object(error)  # type: ignore[return-value]
+
+
 def _with_seed(cfg: Any, seed: int) -> Any:
     names = {f.name for f in dataclasses.fields(cfg)}
     return dataclasses.replace(cfg, seed=seed) if "seed" in names else cfg
@@ -241,7 +258,9 @@ def one_line_error(e: BaseException) -> str:
     """``Type: message`` on one line; a config or layout error is not wrapped twice."""
     text = " ".join(str(e).split()) or repr(e)
     name = type(e).__name__
-    return text if text.startswith(f"{name}:") else f"{name}: {text}"
+    # already "SomeError: ..." (e.g. a setup error recorded earlier, the doctor's DatasetCheckError)
+    return text if text.startswith(f"{name}:") or re.match(r"[A-Za-z_]\w*(Error|Exception): ", text) \
+        else f"{name}: {text}"
 
 
 class _TrialLog:
@@ -280,6 +299,7 @@ def run_suite(weights: BackboneWeights, opts: SuiteOptions, device: torch.device
             cfg = load_config(spec.schema, config_path(spec, opts.preset), routed[name])
             if opts.preset == "smoke" and opts.data_root is None:
                 ensure_synthetic(spec, data_root)
+            cfg_error = check_dataset(spec, cfg, data_root)  # a broken dataset fails in seconds, not at its step
         except Exception as e:
             cfg_error = one_line_error(e)
             log.error("%s: %s", name, cfg_error)

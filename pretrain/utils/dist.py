@@ -86,6 +86,15 @@ def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """``src``'s picklable ``obj`` on every rank (``obj`` itself on one process)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src, device=backend_device())
+    return box[0]
+
+
 def backend_device() -> torch.device:
     """Where collectives' tensors must live: this process's GPU under NCCL, else the CPU."""
     if is_dist() and dist.get_backend() == "nccl":

@@ -103,6 +103,25 @@ def _make_synthetic(data_root: Path) -> None:
     make_imagenet_folders(Path(data_root) / "imagenet")
 
 
+def _check_data(data_root: Path, cfg: Any, quick: bool):
+    """The dataset doctor's check of ``<data_root>/<data.root>/{train,val}/<wnid>/`` (``transfer.doctor``)."""
+    from pretrain.data.folder import LAYOUT
+    from transfer import doctor as d
+
+    root = Path(data_root) / cfg.data.root
+    report = d.DataReport("imagenet", LAYOUT.replace("ROOT", str(root)) + ", and val/ the same way")
+    get = (f"extract ILSVRC2012_img_train.tar (one tar per class) into {root}/train/<wnid>/ and "
+           f"ILSVRC2012_img_val.tar into {root}/val/ sorted by class (valprep.sh), or set data.root=")
+    classes = [d.check_class_folders(report, f"{cfg.data.root}/{split}", root / split,
+                                     d.DATASET_SIZES[f"imagenet_{split}"], quick, get, expected_classes=1000)
+               for split in ("train", "val")]
+    if all(c is not None for c in classes) and classes[0] != classes[1]:
+        report.add(f"{cfg.data.root}/train vs val", d.MALFORMED,
+                   f"different class folders ({len(classes[0])} vs {len(classes[1])})",
+                   "train/ and val/ must hold the same <wnid> folders")
+    return report
+
+
 # README linear (5 trials) gives top1_mean / top1_std: shown as one "mean ± std" cell
 _TOP1 = {"top1": "top1", "top1_mean": "top1", "top1_std": "top1:std"}
 _LINEAR = PublishedRows("imagenet_linear_top1", "R50",
@@ -120,5 +139,5 @@ for _name, _schema, _file, _eff, _published, _desc in (
 ):
     register_task(TaskSpec(name=_name, family="classification", schema=_schema, config_file=_file,
                            metrics=("top1", "top5"), datasets=("imagenet/train", "imagenet/val"),
-                           description=_desc, effective=_eff, make_synthetic=_make_synthetic,
+                           description=_desc, effective=_eff, make_synthetic=_make_synthetic, check_data=_check_data,
                            published=_published))

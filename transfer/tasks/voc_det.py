@@ -57,6 +57,66 @@ def make_synthetic(data_root: Path) -> None:
         make_vocdevkit(devkit, seed=0)
 
 
+_VOC_DOWNLOAD = {
+    "2007": "VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar (host.robots.ox.ac.uk/pascal/VOC/voc2007/)",
+    "2012": "VOCtrainval_11-May-2012.tar (host.robots.ox.ac.uk/pascal/VOC/voc2012/)",
+}
+
+
+def check_data(data_root: Path, cfg: VOCDetConfig, quick: bool):
+    """The dataset doctor's check of every VOC set the task reads (``transfer.doctor``), through the reader."""
+    from transfer import doctor as d
+    from transfer.data.voc import (EXPECTED_LAYOUT, VOCDataError, parse_annotation, parse_set_name, read_image_ids,
+                                   voc_dir)
+
+    report = d.DataReport("voc", EXPECTED_LAYOUT)
+    for set_name in [*cfg.data.train_sets, cfg.data.test_set]:
+        year, split = parse_set_name(set_name)
+        root, what = voc_dir(data_root, year), f"VOC{year} {split}"
+        get = f"download {_VOC_DOWNLOAD.get(year, 'the VOC' + year + ' tarballs')} and extract them in {data_root}"
+        if not root.is_dir():
+            report.add(what, d.MISSING, f"{root} not found", d.missing_dir(root, what, get))
+            continue
+        try:
+            ids = read_image_ids(root, split)
+        except VOCDataError as e:
+            empty = "empty" in str(e)
+            report.add(what, d.MALFORMED if empty else d.MISSING, str(e).split(";")[0],
+                       f"{get} (the split list ImageSets/Main/{split}.txt comes with it)")
+            continue
+        xmls = [root / "Annotations" / f"{i}.xml" for i in ids]
+        jpgs = [root / "JPEGImages" / f"{i}.jpg" for i in ids]
+        no_xml = [p for p in xmls if not p.is_file()]
+        present = [p for p in jpgs if p.is_file()]
+        if no_xml:
+            report.add(what, d.MALFORMED, f"{len(no_xml)} of {len(ids)} annotations missing (e.g. {no_xml[0]})",
+                       f"re-extract Annotations/ ({get})")
+            continue
+        if not present:
+            report.add(what, d.MISSING, f"none of the {len(ids)} images listed in {split}.txt is in "
+                       f"{root / 'JPEGImages'}", f"extract JPEGImages/ ({get})")
+            continue
+        bad = []
+        for x in (xmls[:20] if quick else xmls):
+            try:
+                parse_annotation(x)
+            except VOCDataError as e:
+                bad.append(str(e).split(";")[0])
+        if bad:
+            report.add(what, d.MALFORMED, f"{len(bad)} annotation(s) do not parse: {bad[0]}",
+                       f"replace the broken XML files ({get})")
+            continue
+        expected = d.DATASET_SIZES.get(f"voc{year}_{split}")
+        detail = d.count_text(len(ids), expected)
+        if len(present) < len(jpgs):
+            report.add(what, d.PARTIAL, f"{detail}, {len(jpgs) - len(present)} of them missing from JPEGImages/ "
+                       f"(skipped and counted at run time)", f"re-extract JPEGImages/ ({get})")
+        else:
+            report.add(what, d.count_status(len(ids), expected), detail)
+        d.check_images(report, what, present, quick)
+    return report
+
+
 _VOC_METRICS = {"AP50": "AP50", "AP": "AP", "AP75": "AP75"}
 _PUBLISHED = {
     # MoCo v1 Table 2b (R50-C4, 24k iterations, VOC07+12 -> test2007); MoCo v2 Table 1 = the official
@@ -76,5 +136,5 @@ for _name, _file, _sets, _desc in (
 ):
     register_task(TaskSpec(name=_name, family="detection", schema=VOCDetConfig, config_file=_file,
                            metrics=("AP50", "AP", "AP75"), datasets=_sets, description=_desc,
-                           effective=effective, make_synthetic=make_synthetic, published=(_PUBLISHED[_name],),
+                           effective=effective, make_synthetic=make_synthetic, check_data=check_data, published=(_PUBLISHED[_name],),
                            protocol_trials=5))  # "mean of 5 trials" (MoCo, Sec. 4.2 / detection README)

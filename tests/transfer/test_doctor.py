@@ -1,0 +1,136 @@
+"""The dataset doctor on synthetic trees with one defect each: the right line, the right fix, the right exit
+status; and run_all failing a task with the doctor's message before it starts."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pretrain.data.synthetic import make_imagenet_folders
+from transfer import doctor
+from transfer.data.synthetic.voc import make_vocdevkit
+from transfer.registry import TASKS, TaskSpec, register_task
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """A VOCdevkit and an ImageNet tree without defects (copied per test)."""
+    root = tmp_path_factory.mktemp("clean")
+    make_vocdevkit(root / "VOCdevkit", seed=0, trainval_2007=3, test_2007=2, trainval_2012=2, image_size=(48, 40))
+    make_imagenet_folders(root / "imagenet", num_classes=2, train_per_class=2, val_per_class=1, image_size=16)
+    return root
+
+
+@pytest.fixture
+def root(clean, tmp_path):
+    shutil.copytree(clean, tmp_path / "d")
+    return tmp_path / "d"
+
+
+def _run(root: Path, tasks: str, capsys, full: bool = True):
+    code = doctor.main(["--data-root", str(root), "--tasks", tasks] + (["--full"] if full else []))
+    return code, capsys.readouterr().out
+
+
+def _line(out: str, task: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith(task + " "))
+
+
+def test_clean_tree_runs_with_counts_below_the_real_sizes(root, capsys):
+    code, out = _run(root, "voc0712_det,voc07_det,imagenet_linear", capsys)
+    assert code == 0, out
+    # the synthetic sets are far smaller than the real ones: partial, never an error
+    assert _line(out, "voc07_det").split()[1] == "partial" and "(the real split has 5,011" in out
+    assert "imagenet/train: 4 images (the real split has 1,281,167" in out
+
+
+def test_missing_split_file(root, capsys):
+    (root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Main" / "trainval.txt").unlink()
+    code, out = _run(root, "voc0712_det,voc07_det", capsys)
+    assert code == 1
+    assert _line(out, "voc0712_det").split()[1] == "missing" and _line(out, "voc07_det").split()[1] == "partial"
+    assert "VOC2012 trainval: VOC image list not found" in out and "VOCtrainval_11-May-2012.tar" in out
+
+
+def test_wrong_folder_name_suggests_the_rename(root, capsys):
+    (root / "VOCdevkit" / "VOC2007").rename(root / "VOCdevkit" / "voc2007")
+    code, out = _run(root, "voc07_det", capsys)
+    assert code == 1 and _line(out, "voc07_det").split()[1] == "missing"
+    assert f"fix: rename {root / 'VOCdevkit' / 'voc2007'} to {root / 'VOCdevkit' / 'VOC2007'}" in out
+
+
+def test_zero_images(root, capsys):
+    for p in (root / "imagenet" / "val").rglob("*.JPEG"):
+        p.unlink()
+    code, out = _run(root, "imagenet_knn", capsys)
+    assert code == 1 and _line(out, "imagenet_knn").split()[1] == "missing"
+    assert "no images in the class folders of" in out and "extract the images into" in out
+
+
+def test_flat_val_folder_is_malformed(root, capsys):
+    val = root / "imagenet" / "val"
+    for p in list(val.rglob("*.JPEG")):
+        p.rename(val / p.name)
+    code, out = _run(root, "imagenet_linear", capsys)
+    assert code == 1 and _line(out, "imagenet_linear").split()[1] == "malformed" and "valprep.sh" in out
+
+
+def test_corrupt_jpeg_is_found_and_the_task_still_runs(root, capsys):
+    img = sorted((root / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("*.jpg"))[0]
+    img.write_bytes(img.read_bytes()[:100])  # truncated: the header survives, the data does not
+    code, out = _run(root, "voc07_det", capsys)
+    assert code == 0  # skipped and counted at run time
+    assert f"1 of 3 sampled images do not decode: {img}" in out and "re-download or re-extract" in out
+
+
+def test_malformed_annotation(root, capsys):
+    xml = sorted((root / "VOCdevkit" / "VOC2007" / "Annotations").glob("*.xml"))[0]
+    xml.write_text(xml.read_text()[:50])
+    code, out = _run(root, "voc07_det", capsys)
+    assert code == 1 and _line(out, "voc07_det").split()[1] == "malformed" and "malformed VOC annotation" in out
+
+
+@pytest.fixture
+def json_task():
+    """A throw-away task whose check is the doctor's JSON block (how a COCO-style task's check reads)."""
+    def check(data_root, cfg, quick):
+        report = doctor.DataReport("", "<data_root>/ann.json")
+        if doctor.check_json(report, "ann.json", data_root / "ann.json", "download ann.json") is not None:
+            report.add("ann.json", doctor.OK, "parsed")
+        return report
+
+    voc = TASKS["voc07_det"]
+    register_task(TaskSpec(name="_json_probe", family="detection", schema=voc.schema, config_file=voc.config_file,
+                           metrics=("AP",), check_data=check))
+    yield "_json_probe"
+    del TASKS["_json_probe"]
+
+
+def test_truncated_json(json_task, tmp_path, capsys):
+    (tmp_path / "ann.json").write_text(json.dumps({"images": [{"id": 1}] * 10})[:40])
+    code, out = _run(tmp_path, json_task, capsys)
+    assert code == 1 and _line(out, json_task).split()[1] == "malformed"
+    assert "is not valid JSON" in out and "truncated or corrupt" in out
+
+
+def test_a_task_without_a_check_says_so(json_task, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(TASKS[json_task], "check_data", None)
+    code, out = _run(tmp_path, json_task, capsys)
+    assert code == 0 and "no check" in _line(out, json_task)
+
+
+def test_run_all_fails_a_broken_task_with_the_doctors_message(root, tmp_path):
+    from transfer.run_all import main
+
+    shutil.rmtree(root / "VOCdevkit" / "VOC2007" / "JPEGImages")
+    out = tmp_path / "res"
+    code = main(["--weights", "random", "--arch", "resnet18", "--tasks", "voc07_det,imagenet_knn", "--preset",
+                 "smoke", "--data-root", str(root), "--output", str(out), "--no-report",
+                 "imagenet_knn.data.image_size=16", "imagenet_knn.data.resize_size=16"])
+    assert code == 1
+    bad = json.loads((out / "random-resnet18" / "voc07_det" / "trial0" / "metrics.json").read_text())
+    assert bad["status"] == "failed" and bad["error"].startswith("DatasetCheckError: dataset check for voc07_det")
+    assert "none of the 3 images" in bad["error"] and "expected the standard layout" in bad["error"]
+    assert bad["wall_time_s"] < 5
+    ok = json.loads((out / "random-resnet18" / "imagenet_knn" / "trial0" / "metrics.json").read_text())
+    assert ok["status"] == "ok", ok["error"]
