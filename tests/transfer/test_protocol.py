@@ -21,6 +21,7 @@ TINY = {
                   "model.roi_batch_size_per_image=8"],
     "imagenet_linear": ["optim.epochs=1", "optim.lr_steps=[]"],
     "imagenet_linear_fast": ["probe.max_iter=3"],
+    "semantic_segmentation": ["solver.iterations=2", "solver.batch_size=2", "solver.steps=[1]", "input.crop_size=32"],
 }
 
 
