@@ -1,0 +1,89 @@
+"""The built-in engine's COCO tasks: Mask R-CNN R50-C4 (:mod:`.c4`), Mask R-CNN R50-FPN and Keypoint
+R-CNN R50-FPN (:mod:`.fpn`) fine-tuned by :func:`.trainer.fit_detector` (the VOC engine's loop, sync BN,
+PreciseBN), then COCO AP as Detectron2's ``COCOEvaluator`` (:mod:`transfer.evaluation.coco`): each rank
+infers its share of val2017, rank 0 gathers the results and runs pycocotools' ``COCOeval``."""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Dict, Optional
+
+import torch
+from tqdm import tqdm
+
+from pretrain.utils import dist
+from transfer.context import TrialContext
+from transfer.data.coco import (COCOInstances, coco_paths, collate_coco, filter_for_training, keypoint_flip_indices,
+                                load_coco_instances)
+from transfer.engines.torchvision.detection import loop
+from transfer.engines.torchvision.detection.c4 import build_faster_rcnn_c4
+from transfer.engines.torchvision.detection.fpn import build_rcnn_fpn
+from transfer.engines.torchvision.detection.trainer import fit_detector, orientation_groups, with_final_loss
+from transfer.evaluation.coco import COCOEvaluator, instances_to_coco_results
+from transfer.registry import register_engine
+from transfer.tasks.coco import COCOC4Config, COCOFPNConfig, COCOKeypointConfig
+from transfer.tasks.voc_det import effective
+from transfer.weights.resolve import BackboneWeights
+
+log = logging.getLogger(__name__)
+
+
+def _numpy(out: Dict[str, torch.Tensor], key: str):
+    return out[key].cpu().numpy() if key in out else None
+
+
+@torch.no_grad()
+def evaluate_coco(model: torch.nn.Module, records: list, meta: dict, iou_types, input_format: str,
+                  num_workers: int, device: torch.device) -> Dict[str, float]:
+    """Detect on this rank's share of ``records``; COCO AP of ``iou_types`` on rank 0 (``{}`` elsewhere)."""
+    loader = loop.inference_loader(COCOInstances(records, input_format), num_workers, collate_coco)
+    net = loop.unwrap(model)
+    net.eval()
+    evaluator = COCOEvaluator(meta["json_file"], iou_types)
+    for images, targets in tqdm(loader, desc="eval", disable=not dist.is_main(), dynamic_ncols=True):
+        out = net([im.to(device) for im in images])[0]
+        # model labels are 1..C (0 = background); the evaluator wants contiguous ids 0..C-1
+        evaluator.process(instances_to_coco_results(
+            targets[0]["image_id"], _numpy(out, "boxes"), _numpy(out, "scores"), _numpy(out, "labels") - 1,
+            meta["contiguous_to_coco_id"], masks=_numpy(out, "masks"), keypoints=_numpy(out, "keypoints")))
+    return evaluator.evaluate()
+
+
+def _run_coco(cfg, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
+    eff = effective(cfg, ctx.world_size)
+    torch.manual_seed(ctx.seed + ctx.rank)
+    random.seed(ctx.seed + ctx.rank)  # horizontal flips when data.num_workers is 0
+    kp_cfg = getattr(cfg, "keypoint", None)
+    keypoints = kp_cfg is not None
+    train_json, train_images = coco_paths(ctx.data_root, cfg.data.train_split, keypoints=keypoints)
+    test_json, test_images = coco_paths(ctx.data_root, cfg.data.test_split, keypoints=keypoints)
+    records, meta = load_coco_instances(train_json, train_images, keypoints=keypoints)
+    train = filter_for_training(records, keypoints=keypoints,
+                                min_keypoints=kp_cfg.min_keypoints_per_image if keypoints else 1)
+    test, test_meta = load_coco_instances(test_json, test_images, keypoints=keypoints)  # fail before training
+    num_classes = len(meta["thing_classes"])
+    log.info("COCO: %d training images (%s), %d test images, %d classes; weights %s; effective schedule %s",
+             len(train), train_json, len(test), num_classes, weights.info(), eff)
+    flip: Optional[list] = None
+    if keypoints:
+        flip = keypoint_flip_indices(meta["keypoint_names"], meta["keypoint_flip_map"])
+        if kp_cfg.num_keypoints != len(flip):
+            raise ValueError(f"keypoint.num_keypoints={kp_cfg.num_keypoints} but {train_json} has {len(flip)}")
+    dataset = COCOInstances(train, weights.input_format, hflip_prob=cfg.input.hflip_prob,
+                            with_masks=hasattr(cfg, "mask"), keypoint_flip_indices=flip)
+    if isinstance(cfg, COCOC4Config):
+        model = build_faster_rcnn_c4(weights, num_classes, cfg.model, cfg.input, mask_cfg=cfg.mask)
+    else:
+        model = build_rcnn_fpn(weights, num_classes, cfg.model, cfg.input, mask_cfg=getattr(cfg, "mask", None),
+                               keypoint_cfg=kp_cfg)
+    model, losses = fit_detector(model, dataset, collate_coco, orientation_groups(train), cfg, ctx,
+                                 eff["batch_per_process"])
+    iou_types = ("bbox", "keypoints") if keypoints else ("bbox", "segm")
+    metrics = evaluate_coco(model, test, test_meta, iou_types, weights.input_format, cfg.data.num_workers,
+                            ctx.device)
+    return with_final_loss(metrics, losses)
+
+
+for _task, _schema in (("coco_c4_1x", COCOC4Config), ("coco_c4_2x", COCOC4Config), ("coco_fpn_1x", COCOFPNConfig),
+                       ("coco_fpn_2x", COCOFPNConfig), ("coco_keypoints", COCOKeypointConfig)):
+    register_engine(_task, "torchvision")(_run_coco)
