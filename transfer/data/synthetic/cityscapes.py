@@ -52,11 +52,13 @@ def _scene(rng: random.Random, w: int, h: int) -> List[dict]:
     for _ in range(rng.randint(1, 3)):
         if rng.random() < 0.6:
             cw, ch = rng.randint(w // 6, w // 3), rng.randint(h // 8, h // 5)
-            x0, y1 = rng.randint(0, w - cw - 1), rng.randint(sidewalk + ch // 2, h - h // 10)
+            x0 = rng.randint(0, w - cw - 1)
+            y1 = rng.randint(min(sidewalk + ch // 2, h - h // 10), h - h // 10)
             objs.append({"label": "car", "polygon": [[x0, y1 - ch], [x0 + cw, y1 - ch], [x0 + cw, y1], [x0, y1]]})
         else:
             pw, ph = rng.randint(w // 24 + 4, w // 12 + 4), rng.randint(h // 4, h // 3)
-            x0, y1 = rng.randint(0, w - pw - 1), rng.randint(horizon + ph // 2, sidewalk + 2)
+            x0 = rng.randint(0, w - pw - 1)
+            y1 = rng.randint(sidewalk, max(sidewalk, h - h // 8))  # standing on the sidewalk or the road
             objs.append({"label": "person", "polygon": [[x0 + pw // 2, y1 - ph], [x0 + pw, y1 - ph // 3],
                                                         [x0 + pw, y1], [x0, y1], [x0, y1 - ph // 3]]})
     objs.append({"label": "ego vehicle", "polygon": [[0, h - h // 12], [w - 1, h - h // 12], [w - 1, h - 1],
