@@ -26,6 +26,15 @@ ENGINES = ("torchvision", "detectron2")
 # the report's table order: the paper's Table 2/5/6 families first, classification (Table 1) last
 FAMILY_ORDER = ("detection", "instance_segmentation", "keypoints", "dense_pose", "semantic_segmentation",
                 "classification")
+# the report's section headings, after the MoCo paper's tables (a family missing here gets its own name)
+FAMILY_TITLES = {
+    "detection": "PASCAL VOC object detection (MoCo Tables 2 and 4)",
+    "instance_segmentation": "COCO detection and instance segmentation (MoCo Table 5; LVIS and Cityscapes: Table 6)",
+    "keypoints": "COCO keypoint detection (MoCo Table 6)",
+    "dense_pose": "COCO dense pose estimation (MoCo Table 6)",
+    "semantic_segmentation": "Semantic segmentation (MoCo Table 6)",
+    "classification": "ImageNet classification: linear probes and kNN (MoCo Table 1)",
+}
 
 
 @dataclass(frozen=True)

@@ -25,16 +25,24 @@ MOCO = [(81.3, 55.9, 62.4), (81.5, 56.1, 62.8), (81.1, 55.7, 62.6)]
 
 
 def write_trial(root: Path, weights: str, task: str, trial: int, metrics=None, *, status="ok", cfg="c0ffee11",
-                engine="torchvision", iters=24000, family="detection", sha="ab" * 32, error=None, folder=None):
-    """One ``OUTPUT/<weights>/<task>/trial<k>/metrics.json`` as ``transfer/run_all.py`` writes it."""
+                engine="torchvision", iters=24000, family="detection", sha="ab" * 32, error=None, folder=None,
+                preset="full", arch="resnet50", files=False, git_sha="0123456789abcdef" * 2 + "01234567"):
+    """One ``OUTPUT/<weights>/<task>/trial<k>/metrics.json`` as ``transfer/run_all.py`` writes it (and with
+    ``files``, the rest of a trial folder: config.yaml, env.json, log.txt, tensorboard/)."""
     d = root / (folder or weights) / task / f"trial{trial}"
     d.mkdir(parents=True, exist_ok=True)
+    if files:
+        (d / "config.yaml").write_text("seed: 0\n")
+        (d / "log.txt").write_text("iter 1 loss 1.0\n")
+        (d / "env.json").write_text(json.dumps({"git_sha": git_sha, "world_size": 1}))
+        (d / "tensorboard").mkdir(exist_ok=True)
+        (d / "tensorboard" / "events.out.tfevents.0").write_bytes(b"")
     eff = {"batch_size": 16, "base_lr": 0.02, "world_size": 1, "num_gpus": 0, "device": "cpu"}
     eff.update({"iterations": iters} if iters else {"epochs": 100})
     rec = {"status": status, "task": task, "family": family, "weights": weights, "trial": trial, "seed": trial,
-           "engine": engine, "preset": "full", "metrics": dict(metrics or {}) if status == "ok" else {},
+           "engine": engine, "preset": preset, "metrics": dict(metrics or {}) if status == "ok" else {},
            "error": error, "protocol_hash": cfg, "effective": eff,
-           "weights_info": {"name": weights, "arch": "resnet50", "sha256": sha, "layout": "torchvision"},
+           "weights_info": {"name": weights, "arch": arch, "sha256": sha, "layout": "torchvision"},
            "wall_time_s": 1.0, "finished_at": f"2026-01-01T00:00:0{trial}"}
     (d / "metrics.json").write_text(json.dumps(rec))
 
@@ -117,10 +125,12 @@ def test_engine_difference_splits_too(tmp_path: Path):
 def test_failed_and_missing_cells_are_never_zero(tree: Path):
     write_trial(tree, "moco_v2", "voc0712_det", 3, status="failed", error="ValueError: bad data\nmore lines")
     md = write_tables(tree)["md"].read_text()
-    row = next(line for line in md.splitlines() if line.startswith("| moco_v1 |"))
-    assert row.count("failed (2/2)") == 3 and "0.00" not in row and "missing" in row  # no voc07_det run
-    moco = next(line for line in md.splitlines() if line.startswith("| moco_v2 |"))
-    assert "3, 1 failed" in moco  # 3 trials averaged, one failed
+    voc0712, voc07 = md.split("### voc0712_det")[1].split("### voc07_det")
+    row = next(line for line in voc0712.splitlines() if line.startswith("| moco_v1 "))
+    assert row.count("failed (2/2)") == 3 and "0.00" not in row and "2 failed" in row
+    assert next(line for line in voc07.splitlines() if line.startswith("| moco_v1 ")).count("not run") == 3
+    moco = next(line for line in voc0712.splitlines() if line.startswith("| moco_v2 ["))
+    assert "| 3 · 1 failed |" in moco  # 3 trials averaged, one failed
     assert "voc0712_det / moco_v2 trial 3 failed: ValueError: bad data" in md
     assert "voc0712_det / moco_v1 trial 0 failed: RuntimeError: out of memory" in md
 
@@ -154,22 +164,27 @@ def test_published_rows_load_with_source_and_render(tree: Path):
     assert v1["value"].tolist() == [60.8] and v1["std"].tolist() == [0.2]  # top1_mean / top1_std folded
 
     md = write_tables(tree)["md"].read_text()
-    assert "| *supervised_IN1M — published (MoCo v1 paper Table 2b)* | *81.3* | *53.5* | *58.8* |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| *supervised_IN1M* ["))
+    assert row.endswith("| *81.3* | *53.5* | *58.8* |  |")  # the first block: voc0712_det, Table 2b
+    note = int(row.split("[")[1].split("]")[0])  # the row's footnote cites the source
+    assert f"\n{note}. published (MoCo v1 paper Table 2b): MoCo v1 paper, arXiv:1911.05722v3, Table 2;" in md
     assert "THIRD-PARTY reproduction (mmselfsup mocov2 README)" in md
-    assert "MoCo v1 paper, arXiv:1911.05722v3, Table 2" in md  # the source is cited in the notes
+    assert "| *moco_v2_200ep(mmselfsup)* THIRD-PARTY [" in md  # visibly distinct, not a plain published row
     trials, _ = load_results(tree)
     assert summarise(trials).stats["mean"].max() < 82  # published numbers never enter the means
-    assert "— published (" not in write_tables(tree, reference=False)["md"].read_text()
+    assert "published (MoCo" not in write_tables(tree, reference=False)["md"].read_text()
 
 
 def test_outputs_are_well_formed(tree: Path):
     paths = write_tables(tree)
     assert set(paths) == {"md", "csv", "html", "png"} and all(p.parent == tree for p in paths.values())
+    assert paths["html"].name == "report.html"
     root = ET.fromstring(paths["html"].read_text())  # XHTML: parses as XML, so tags are balanced
     ns = {"h": "http://www.w3.org/1999/xhtml"}
-    assert len(root.findall(".//h:table", ns)) == 1  # one family (detection)
+    assert len(root.findall(".//h:section[@id]", ns)) == 3  # one family (detection), the notes, the runs
+    assert len(root.findall(".//h:table[@class='res']", ns)) == 2  # a block per task: voc0712_det, voc07_det
     spans = root.findall(".//h:span", ns)
-    assert any(s.get("class") == "pos sig" for s in spans)
+    assert any(s.get("class") == "d pos sig" for s in spans)
     assert "#0a7d20" in paths["html"].read_text() and "#c0161d" in paths["html"].read_text()
     data = paths["png"].read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -3,8 +3,9 @@
     python tools/make_tables.py RESULTS_DIR [--baseline NAME] [--no-reference] [--tasks a,b]
 
 ``write_tables`` is also called by ``transfer/run_all.py`` when a suite run ends. It reads every
-``metrics.json`` below ``RESULTS_DIR`` and writes, atomically, into ``RESULTS_DIR``:
-``tables.md``, ``tables.csv`` (tidy: one number a row), ``tables.html`` and ``deltas.png``.
+``metrics.json`` below ``RESULTS_DIR`` and writes, atomically, into ``RESULTS_DIR``: ``report.html`` (one
+self-contained page in the paper's table layout, every measured cell one click from its trial folders),
+``tables.md`` (the same tables as GitHub Markdown), ``tables.csv`` (tidy: one number a row) and ``deltas.png``.
 The MoCo paper reports VOC as the mean of 5 trials and recommends that (its repo, detection/README);
 this module turns trial folders into exactly that, without ever averaging different protocols.
 """
@@ -14,7 +15,6 @@ import argparse
 import io
 import logging
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -22,15 +22,17 @@ import pandas as pd
 
 from pretrain.utils.io import atomic_path, atomic_write_text
 from transfer.report.load import PROTOCOL_FIELDS, load_results, protocol_ids
-from transfer.report.plot import plot_deltas
+from transfer.registry import FAMILY_TITLES
+from transfer.report.header import Report, build_header, legend
+from transfer.report.plot import delta_figure, plot_deltas
 from transfer.report.reference import REFERENCE_CSV, load_reference
-from transfer.report.render import to_html, to_markdown
+from transfer.report.render import RUN_FILES, to_html, to_markdown
 from transfer.report.stats import GROUP_KEY, Summary, summarise
-from transfer.report.tables import build_tables
+from transfer.report.tables import Footnotes, build_tables, run_entries
 
 log = logging.getLogger(__name__)
 
-__all__ = ["write_tables", "tidy_frame", "main", "NoResultsError"]
+__all__ = ["write_tables", "build_report", "tidy_frame", "main", "NoResultsError"]
 
 
 class NoResultsError(FileNotFoundError):
@@ -71,9 +73,21 @@ def tidy_frame(trials: pd.DataFrame, summary: Summary, ref: Optional[pd.DataFram
     return tidy.sort_values(["kind", "family", "task", "weights"], kind="stable", ignore_index=True)
 
 
+def build_report(results_dir: Path, trials: pd.DataFrame, summary: Summary, ref: Optional[pd.DataFrame],
+                 problems: List[str]) -> Report:
+    """Everything the page and the Markdown show, with the Δ figure of each family rendered."""
+    notes = Footnotes()
+    runs, run_ids = run_entries(summary, trials, results_dir, RUN_FILES)
+    families = build_tables(summary, ref, notes, run_ids, FAMILY_TITLES)
+    for fam in families:
+        fam.figure, fam.figure_notes = delta_figure(summary.stats, [b.task for b in fam.blocks], summary.baseline)
+    header = build_header(summary, results_dir, trials["path"].nunique(), problems)
+    return Report(header, families, notes.texts, runs, legend(summary))
+
+
 def write_tables(results_dir: Path, baseline: str | None = None, *, reference: bool = True,
                  tasks: Optional[Sequence[str]] = None, reference_csv: Path = REFERENCE_CSV) -> Dict[str, Path]:
-    """Aggregate ``results_dir`` and write the four outputs there; returns ``{"md"|"csv"|"html"|"png": path}``.
+    """Aggregate ``results_dir`` and write the outputs there; returns ``{"md"|"csv"|"html"|"png": path}``.
 
     Raises ``NoResultsError`` when no readable ``metrics.json`` is found, and ``ValueError`` when an
     explicit ``baseline`` is not among the weights names in the results.
@@ -92,16 +106,11 @@ def write_tables(results_dir: Path, baseline: str | None = None, *, reference: b
         ref = load_reference(sorted(set(trials["task"])), reference_csv)
     elif reference:
         problems.append(f"published reference rows left out: {reference_csv} not found")
-    tables = build_tables(summary, ref)
-    n_files = trials["path"].nunique()
-    header = [f"Generated from {n_files} metrics.json files under `{results_dir}` on "
-              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `tools/make_tables.py`; "
-              "do not edit by hand.", "", summary.notes[0]]
-    header += [""] + [f"- {p}" for p in problems] if problems else []
+    report = build_report(results_dir, trials, summary, ref, problems)
     paths = {"md": results_dir / "tables.md", "csv": results_dir / "tables.csv",
-             "html": results_dir / "tables.html", "png": results_dir / "deltas.png"}
-    atomic_write_text(paths["md"], to_markdown(tables, header))
-    atomic_write_text(paths["html"], to_html(tables, header))
+             "html": results_dir / "report.html", "png": results_dir / "deltas.png"}
+    atomic_write_text(paths["md"], to_markdown(report))
+    atomic_write_text(paths["html"], to_html(report))
     buf = io.StringIO()
     tidy_frame(trials, summary, ref).to_csv(buf, index=False)
     atomic_write_text(paths["csv"], buf.getvalue())

@@ -24,7 +24,7 @@ PROTOCOL_FIELDS = ("protocol_hash", "engine", "preset", "batch_size", "base_lr",
 TRIAL_COLUMNS = [
     "weights", "task", "family", "trial", "seed", "status", "error", "engine", "preset", "protocol_hash",
     "batch_size", "base_lr", "iterations", "epochs", "world_size", "num_gpus", "device",
-    "sha256", "layout", "arch", "wall_time_s", "finished_at", "path", "metric", "value",
+    "sha256", "layout", "arch", "wall_time_s", "finished_at", "path", "effective", "git_sha", "metric", "value",
 ]
 
 
@@ -45,7 +45,16 @@ def protocol_ids(trials: pd.DataFrame) -> pd.Series:
     return pd.Series(ids, index=trials.index, dtype=object)
 
 
-def _rows_from_record(rec: Dict[str, Any], path: Path) -> List[Dict[str, Any]]:
+def _git_sha(trial_dir: Path) -> str:
+    """The suite version that ran a trial: ``git_sha`` of the ``env.json`` beside its metrics.json."""
+    try:
+        env = json.loads((trial_dir / "env.json").read_text())
+        return str(env.get("git_sha") or "") if isinstance(env, dict) else ""
+    except (OSError, ValueError):
+        return ""
+
+
+def _rows_from_record(rec: Dict[str, Any], path: Path, git_sha: str = "") -> List[Dict[str, Any]]:
     eff = rec.get("effective") or {}
     info = rec.get("weights_info") or {}
     base = {
@@ -72,6 +81,8 @@ def _rows_from_record(rec: Dict[str, Any], path: Path) -> List[Dict[str, Any]]:
         "wall_time_s": rec.get("wall_time_s"),
         "finished_at": str(rec.get("finished_at") or ""),
         "path": str(path),
+        "effective": json.dumps(eff, sort_keys=True, default=str),  # as run: shown in the report's header
+        "git_sha": git_sha,
     }
     metrics = rec.get("metrics") or {}
     if base["status"] != "ok" or not metrics:
@@ -104,7 +115,7 @@ def load_results(results_dir: Path, tasks: Optional[Sequence[str]] = None) -> Tu
                 raise ValueError("no 'task' field")
             if tasks and rec["task"] not in tasks:
                 continue
-            rows.extend(_rows_from_record(rec, path.relative_to(results_dir)))
+            rows.extend(_rows_from_record(rec, path.relative_to(results_dir), _git_sha(path.parent)))
         except (OSError, ValueError, TypeError, KeyError) as e:
             msg = f"unreadable {path.relative_to(results_dir)}: {type(e).__name__}: {e}"
             log.warning(msg)

@@ -1,8 +1,16 @@
-"""``deltas.png``: per task, the Δ of each pretraining to the baseline, with combined-std error bars."""
+"""Δ figures: per task, each pretraining's Δ to the baseline per headline metric, with error bars.
+
+Error bars are √(std² + std_baseline²), drawn only where both sides have n ≥ 2; significant Δs are hatched
+and every bar carries its value. A task with nothing to show (no Δ, or every Δ exactly 0) gets no empty
+panel: the caller prints the returned sentence instead. The Agg canvas is used directly, so no global
+pyplot state or display backend is touched.
+"""
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -13,49 +21,94 @@ from matplotlib.patches import Patch
 from transfer.registry import task_order
 from transfer.report.tables import ordered, table_metrics
 
+_ZERO = 0.005  # |Δ| below this prints as +0.00
+
+
+def plotted_tasks(stats: pd.DataFrame, tasks: Sequence[str], baseline: Optional[str]) -> Tuple[List[str], List[str]]:
+    """``(tasks with a Δ to draw, sentences for the others)``."""
+    if not baseline:
+        return [], ["No Δ figure: there is no baseline (see the header)."]
+    shown, said = [], []
+    for task in ordered(tasks, task_order()):
+        t = stats[(stats["task"] == task) & stats["delta"].notna()]
+        t = t[t["metric"].isin(table_metrics(task, t["metric"].unique()))]
+        if t.empty:
+            said.append(f"{task}: no Δ to draw (no other pretraining ran it with the protocol of {baseline}).")
+        elif (t["delta"].abs() < _ZERO).all():
+            said.append(f"{task}: every Δ to {baseline} is 0.00 ({t['row_label'].nunique()} pretraining(s) × "
+                        f"{t['metric'].nunique()} metric(s)): no measured difference.")
+        else:
+            shown.append(task)
+    return shown, said
+
+
+def _panel(ax, t: pd.DataFrame, task: str, baseline: str) -> None:
+    labels = list(dict.fromkeys(t["row_label"]))
+    metrics = table_metrics(task, t["metric"].unique())
+    height = 0.8 / len(metrics)
+    y = np.arange(len(labels))
+    span, handles = 0.0, []
+    for j, m in enumerate(metrics):
+        tm = t[t["metric"] == m].set_index("row_label").reindex(labels)
+        yj, dj = y + (j - (len(metrics) - 1) / 2) * height, tm["delta"].to_numpy(dtype=float)
+        color = f"C{j % 10}"
+        bars = ax.barh(yj, np.nan_to_num(dj), height, color=color, edgecolor="black", linewidth=0.4)
+        handles.append(Patch(facecolor=color, label=m))
+        err = tm["delta_std"].to_numpy(dtype=float)
+        ok = np.isfinite(err) & np.isfinite(dj)  # no error bar where a side has a single trial
+        if ok.any():
+            ax.errorbar(dj[ok], yj[ok], xerr=err[ok], fmt="none", ecolor="black", capsize=3, linewidth=0.8)
+        for bar, d, e, sig in zip(bars, dj, err, tm["significant"].fillna(False)):
+            if not math.isfinite(d):
+                continue
+            if sig:
+                bar.set_hatch("//")
+            reach = abs(d) + (e if math.isfinite(e) else 0.0)
+            span = max(span, reach)
+            ax.annotate(f"{d:+.2f}", (d, bar.get_y() + bar.get_height() / 2), xytext=(4 if d >= 0 else -4, 0),
+                        textcoords="offset points", ha="left" if d >= 0 else "right", va="center", fontsize=7)
+    lim = max(span * 1.35, 0.5)
+    ax.set_xlim(-lim, lim)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_title(f"{task}: Δ to {baseline}", fontsize=10)
+    ax.set_xlabel("Δ (points); hatched: |Δ| > combined std", fontsize=8)
+    # the legend below the panel, never over the bars
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=len(handles),
+              frameon=False)
+
+
+def delta_figure(stats: pd.DataFrame, tasks: Sequence[str], baseline: Optional[str]) -> Tuple[Optional[bytes], List[str]]:
+    """PNG bytes of the Δ panels of ``tasks`` (None when nothing is drawn) and sentences for the rest.
+
+    ``stats`` is ``Summary.stats`` (task, row_label, metric, delta, delta_std, significant).
+    """
+    shown, said = plotted_tasks(stats, tasks, baseline)
+    if not shown:
+        return None, said
+    ncols = min(2, len(shown))
+    nrows = math.ceil(len(shown) / ncols)
+    d = stats[stats["delta"].notna()]
+    bars = max(d[d["task"] == t]["row_label"].nunique() * len(table_metrics(t, d[d["task"] == t]["metric"].unique()))
+               for t in shown)  # bars in the fullest panel
+    fig = Figure(figsize=(6.0 * ncols, nrows * (1.7 + 0.2 * bars)), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, task in enumerate(shown):
+        _panel(fig.add_subplot(nrows, ncols, i + 1), d[d["task"] == task], task, str(baseline))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue(), said
+
 
 def plot_deltas(stats: pd.DataFrame, baseline: str | None, path: Path) -> None:
-    """Write a PNG to ``path``. ``stats`` is ``Summary.stats`` (columns task, row_label, metric, delta,
-    delta_std, significant). Error bars are sqrt(std² + std_baseline²), drawn only where both sides have
-    n ≥ 2; significant deltas are hatched. Without a baseline (or any delta) the figure says so.
-    The Agg canvas is used directly so no global pyplot state or display backend is touched.
-    """
-    d = stats[stats["delta"].notna()] if baseline else stats.iloc[0:0]
-    tasks = ordered(d["task"].unique(), task_order())
-    ncols = min(3, max(1, len(tasks)))
-    nrows = max(1, math.ceil(len(tasks) / ncols))
-    tallest = max([d[d["task"] == t]["row_label"].nunique() for t in tasks] or [1])
-    fig = Figure(figsize=(5.5 * ncols, nrows * (1.6 + 0.9 * tallest)), dpi=100)
-    FigureCanvasAgg(fig)
-    if not tasks:
-        ax = fig.add_subplot(1, 1, 1)
-        ax.axis("off")
-        why = "no baseline" if not baseline else f"no run shares a task and protocol with {baseline}"
-        ax.text(0.5, 0.5, f"No deltas to plot: {why}.", ha="center", va="center")
-    for i, task in enumerate(tasks):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        t = d[d["task"] == task]
-        labels = list(dict.fromkeys(t["row_label"]))
-        metrics = table_metrics(task, t["metric"].unique())
-        height, handles = 0.8 / len(metrics), []
-        y = np.arange(len(labels))
-        for j, m in enumerate(metrics):
-            tm = t[t["metric"] == m].set_index("row_label").reindex(labels)
-            yj, dj = y + (j - (len(metrics) - 1) / 2) * height, tm["delta"].fillna(0.0).to_numpy()
-            bars = ax.barh(yj, dj, height)
-            handles.append(Patch(facecolor=bars.patches[0].get_facecolor(), label=m))  # unhatched legend key
-            err = tm["delta_std"].to_numpy(dtype=float)
-            ok = np.isfinite(err)  # no error bar where a side has a single trial (std undefined)
-            if ok.any():
-                ax.errorbar(dj[ok], yj[ok], xerr=err[ok], fmt="none", ecolor="black", capsize=3)
-            for bar, sig in zip(bars, tm["significant"].fillna(False)):
-                if sig:
-                    bar.set_hatch("//")
-        ax.axvline(0.0, color="black", linewidth=0.8)
-        ax.set_yticks(y, labels)
-        ax.invert_yaxis()
-        ax.set_title(f"{task}: Δ to {baseline}", fontsize=10)
-        ax.set_xlabel("Δ (points); hatched: |Δ| > combined std")
-        ax.legend(handles=handles, fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    """``deltas.png``: every task's panel in one figure; with nothing to draw, the figure says why in words."""
+    png, said = delta_figure(stats, sorted(set(stats["task"])), baseline)
+    if png is None:
+        fig = Figure(figsize=(8, 0.6 + 0.3 * max(1, len(said))), dpi=100)
+        FigureCanvasAgg(fig)
+        fig.text(0.02, 0.5, "\n".join(said) or "No Δ to plot.", va="center", fontsize=9)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        png = buf.getvalue()
+    Path(path).write_bytes(png)

@@ -104,19 +104,18 @@ def _merge_std(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def reference_rows(ref: pd.DataFrame) -> List[Tuple[str, str, pd.DataFrame]]:
-    """Split published numbers into display rows: ``[(row label, task, its numbers)]``.
+    """Split published numbers into display rows: ``[(pretraining, distinguishing schedule, its numbers)]``.
 
     One row per (task, pretraining, source table); when a table gives one metric twice for the same
-    pretraining (e.g. two probe schedules), the schedule is added to the label to tell them apart.
+    pretraining (e.g. two probe schedules), the schedule tells the rows apart (else it is ``""``).
     """
     rows: List[Tuple[str, str, pd.DataFrame]] = []
-    for (task, pretrain, table), g in ref.groupby(["task", "pretrain", "table"], sort=False):
-        label = f"{pretrain} — {g['label'].iloc[0]}"
+    for (_task, pretrain, _table), g in ref.groupby(["task", "pretrain", "table"], sort=False):
         if g["metric"].duplicated().any():
             for sched, gs in g.groupby("schedule", sort=False):
-                rows.append((f"{label}, {sched}", task, gs))
+                rows.append((pretrain, sched, gs))
         else:
-            rows.append((label, task, g))
+            rows.append((pretrain, "", g))
     return rows
 
 

@@ -11,6 +11,7 @@ Rules (issue 6):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -104,6 +105,11 @@ def _group_table(trials: pd.DataFrame) -> pd.DataFrame:
             world_size=sorted(set(runs["world_size"]) - {""}), num_gpus=sorted(set(runs["num_gpus"]) - {""}),
             device=sorted(set(runs["device"]) - {""}), sha256=sorted(set(runs["sha256"]) - {""}),
             layout=sorted(set(runs["layout"]) - {""}), arch=sorted(set(runs["arch"]) - {""}),
+            git_sha=sorted(set(runs["git_sha"]) - {""}),
+            effective=next((e for e in runs.sort_values("trial")["effective"] if e not in ("", "{}")), "{}"),
+            # one entry per trial, for the report's links: (trial, status, folder relative to the results dir)
+            runs=[(int(t), str(st), str(Path(p).parent)) for t, st, p in
+                  runs.sort_values("trial")[["trial", "status", "path"]].itertuples(index=False)],
         ))
     return pd.DataFrame(rows)
 
@@ -147,6 +153,9 @@ def summarise(trials: pd.DataFrame, baseline: Optional[str] = None) -> Summary:
     stats = (ok.groupby(GROUP_KEY + ["metric"], sort=False)["value"]
              .agg(mean="mean", std=lambda s: s.std(ddof=1), n="count").reset_index())
     stats["std"] = stats["std"].where(stats["n"] >= 2)  # one trial: no spread, shown as "—"
+    per_trial = {key: [(int(t), float(v)) for t, v in zip(g["trial"], g["value"])]
+                 for key, g in ok.sort_values("trial").groupby(GROUP_KEY + ["metric"], sort=False)}
+    stats["trial_values"] = [per_trial.get(tuple(k), []) for k in stats[GROUP_KEY + ["metric"]].itertuples(index=False)]
     stats = stats.merge(groups[GROUP_KEY + ["variant", "row_label"]], on=GROUP_KEY, how="left")
     stats = _add_deltas(stats, baseline)
     return Summary(groups=groups, stats=stats, baseline=baseline, primary=primary, notes=notes)
