@@ -73,3 +73,49 @@ def load_voc_seg_records(data_root: Path, split: str) -> List[dict]:
             raise VOCSegDataError(f"{split}: {missing} not found; {EXPECTED_LAYOUT}")
         records.append({"file_name": str(image), "sem_seg_file_name": str(label), "image_id": image_id})
     return records
+
+
+TRAIN_AUG_SIZE = 10582  # MoCo App. A.5: "train_aug2012 set (augmented by [SBD], 10582 images)"
+
+
+def read_sbd_mask(mat_file: Path) -> np.ndarray:
+    """SBD's ``cls/<id>.mat`` -> (H, W) uint8 class indices 0..20 (its ``GTcls.Segmentation``; no 255 borders)."""
+    from scipy.io import loadmat
+
+    try:
+        gt = loadmat(str(mat_file), squeeze_me=True, struct_as_record=False)["GTcls"]
+        return np.asarray(gt.Segmentation, dtype=np.uint8)
+    except (OSError, KeyError, AttributeError, ValueError) as e:
+        raise VOCSegDataError(f"cannot read SBD mask {mat_file} (expected a struct GTcls with a Segmentation "
+                              f"field): {e}") from None
+
+
+def build_train_aug(data_root: Path, sbd_dir: Path, expected: int = TRAIN_AUG_SIZE) -> Path:
+    """Write SBD's masks as ``VOC2012/SegmentationClassAug/<id>.png`` (single-channel) and
+    ``ImageSets/Segmentation/train_aug.txt`` = (VOC2012 train | SBD train | SBD val) - VOC2012 val, the split of
+    mmsegmentation's ``tools/dataset_converters/voc_aug.py`` (asserted there to hold 10,582 images).
+
+    ``sbd_dir``: SBD's ``benchmark_RELEASE/dataset`` (``cls/*.mat``, ``train.txt``, ``val.txt``). VOC2012
+    train images outside SBD keep their palette PNGs in ``SegmentationClass`` (the reader falls back to them).
+    Raises unless the list has ``expected`` entries. Returns the list's path.
+    """
+    root, sbd = voc2012_dir(data_root), Path(sbd_dir)
+
+    def ids(path: Path) -> List[str]:
+        if not path.is_file():
+            raise VOCSegDataError(f"{path} not found; {EXPECTED_LAYOUT}; SBD: <sbd>/{{cls/<id>.mat, train.txt, val.txt}}")
+        return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+    seg = root / "ImageSets" / "Segmentation"
+    voc_train, voc_val = ids(seg / "train.txt"), set(ids(seg / "val.txt"))
+    sbd_ids = ids(sbd / "train.txt") + ids(sbd / "val.txt")
+    train_aug = sorted((set(voc_train) | set(sbd_ids)) - voc_val)
+    if len(train_aug) != expected:
+        raise VOCSegDataError(f"train_aug would have {len(train_aug)} images, expected {expected}: check the VOC2012 "
+                              f"and SBD lists ({seg}, {sbd})")
+    out = root / "SegmentationClassAug"
+    out.mkdir(parents=True, exist_ok=True)
+    for image_id in sorted(set(sbd_ids)):
+        Image.fromarray(read_sbd_mask(sbd / "cls" / f"{image_id}.mat")).save(out / f"{image_id}.png")
+    (seg / "train_aug.txt").write_text("\n".join(train_aug) + "\n")
+    return seg / "train_aug.txt"
