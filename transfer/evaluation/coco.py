@@ -12,6 +12,11 @@ and an empty result list gives NaN for every metric, as in Detectron2.
 
 Detectron2 defaults to its C++ ``COCOeval_opt`` ("unofficial", "should be very close"); this module
 always runs the official pycocotools ``COCOeval``, which Detectron2 runs with ``use_fast_impl=False``.
+
+Recorded check (detectron2 02b5c4e2, pycocotools 2.0.11; detectron2 cannot be a test dependency): on
+perturbed ground truth of synthetic COCO val (48 and 100 images; boxes, masks, keypoints, misses, wrong
+classes, false positives) the result dicts equal ``instances_to_coco_json``'s and all 22 metrics equal
+Detectron2's bit for bit with ``use_fast_impl=False``; its default ``COCOeval_opt`` differs by <= 4e-15.
 """
 from __future__ import annotations
 
