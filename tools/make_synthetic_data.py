@@ -1,6 +1,6 @@
 """Write the built-in synthetic datasets (real on-disk formats) used by tests and ``--preset smoke``.
 
-    python tools/make_synthetic_data.py --root data/synthetic [--kinds imagenet,shards,voc,coco]
+    python tools/make_synthetic_data.py --root data/synthetic [--kinds imagenet,shards,voc,coco,voc_seg,cityscapes]
 """
 from __future__ import annotations
 
@@ -33,6 +33,16 @@ def main() -> None:
 
         make_vocdevkit(a.root / "VOCdevkit", seed=a.seed)
         print(f"wrote {a.root / 'VOCdevkit'}")
+    if "voc_seg" in kinds:  # VOC2012 segmentation files beside the detection ones (own image ids)
+        from transfer.data.synthetic.voc_seg import make_voc_seg
+
+        make_voc_seg(a.root / "VOCdevkit", seed=a.seed)
+        print(f"wrote {a.root / 'VOCdevkit' / 'VOC2012'} (segmentation)")
+    if "cityscapes" in kinds:
+        from transfer.data.synthetic.cityscapes import make_cityscapes
+
+        make_cityscapes(a.root / "cityscapes", seed=a.seed)
+        print(f"wrote {a.root / 'cityscapes'}")
     if "coco" in kinds:
         from transfer.data.synthetic.coco import make_coco
 
