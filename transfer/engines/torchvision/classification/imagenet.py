@@ -15,11 +15,11 @@ from torchvision import transforms
 from pretrain.data.augment import ToBGR, eval_transform
 from pretrain.data.folder import DatasetLayoutError, LabelledImages
 from pretrain.knn import knn_scores_from_topk, knn_topk, topk_accuracy
-from pretrain.resnet import PooledBackbone, build_resnet
+from pretrain.resnet import PooledBackbone
 from pretrain.utils import dist
 from pretrain.utils.io import atomic_write_json
 from transfer.context import TrialContext
-from transfer.engines.torchvision.backbone import load_resnet_weights, require_torchvision_layout
+from transfer.engines.torchvision.backbone import build_backbone_resnet, load_resnet_weights
 from transfer.engines.torchvision.classification.feature_cache import dataset_fingerprint, get_or_extract
 from transfer.engines.torchvision.classification.linear import (attach_linear_head, backbone_digest,
                                                                  probe_with_wd_sweep, train_linear)
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 def _normalisation(weights: BackboneWeights) -> dict:
     """The weights' input settings for :func:`pretrain.data.augment.eval_transform` (0-1 scale)."""
-    require_torchvision_layout(weights)
     # pixel mean/std are on the 0-255 scale (Detectron2's convention); ToTensor gives 0-1
     return {"mean": [m / 255 for m in weights.pixel_mean], "std": [s / 255 for s in weights.pixel_std],
             "bgr": weights.input_format.upper() == "BGR"}
@@ -68,7 +67,7 @@ def load_splits(data: ImageNetDataConfig, ctx: TrialContext, train_transform, va
 def build_feature_backbone(weights: BackboneWeights, device: torch.device) -> PooledBackbone:
     """The ResNet of ``weights.arch`` with its weights loaded exactly: images (N, 3, H, W) ->
     global-pooled features (N, 2048 for R50); frozen and in eval mode."""
-    model = build_resnet(weights.arch)
+    model = build_backbone_resnet(weights)
     load_resnet_weights(model, weights)
     model.requires_grad_(False)
     return PooledBackbone(model).to(device).eval()
@@ -105,7 +104,7 @@ def cached_features(cfg, weights: BackboneWeights, ctx: TrialContext, views: int
     torch.manual_seed(ctx.seed)  # random-init weights: the same seed gives the same backbone (and cache entry)
     model = build_feature_backbone(weights, ctx.device)
     base = {"weights_sha256": weights.sha256, "state_digest": backbone_digest(model.encoder),
-            "arch": weights.arch, "input_format": weights.input_format,
+            "arch": weights.arch, "stride_in_1x1": weights.stride_in_1x1, "input_format": weights.input_format,
             "pixel_mean": weights.pixel_mean, "pixel_std": weights.pixel_std}
     center = {"view": "center", "resize": cfg.data.resize_size, "crop": cfg.data.image_size}
     f = cfg.features
@@ -136,7 +135,7 @@ def run_linear(cfg: LinearTaskConfig, weights: BackboneWeights, ctx: TrialContex
         raise ValueError(f"batch_size {cfg.optim.batch_size} is not divisible by world size {ctx.world_size}")
     train_ds, val_ds = load_splits(cfg.data, ctx, train_tf(cfg.data, weights), eval_tf(cfg.data, weights))
     torch.manual_seed(ctx.seed)  # the head's N(0, 0.01) init and the augmentations
-    model = attach_linear_head(build_resnet(weights.arch), len(train_ds.classes))
+    model = attach_linear_head(build_backbone_resnet(weights), len(train_ds.classes))
     load_resnet_weights(model, weights)  # after attach: the head is fresh, exactly fc.* is missing
     sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=ctx.seed)
     per_rank = cfg.optim.batch_size // ctx.world_size
