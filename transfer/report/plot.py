@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -42,6 +43,12 @@ def plotted_tasks(stats: pd.DataFrame, tasks: Sequence[str], baseline: Optional[
     return shown, said
 
 
+def _short(row_label: str) -> str:
+    """``moco [engine detectron2]`` -> ``moco · detectron2`` (the table's way of labelling engines)."""
+    return re.sub(r" \[engine ([^,\]]+)(?:, ([^\]]+))?\]", lambda m: f" · {m[1]}" + (f" [{m[2]}]" if m[2] else ""),
+                  row_label)
+
+
 def _panel(ax, t: pd.DataFrame, task: str, baseline: str) -> None:
     labels = list(dict.fromkeys(t["row_label"]))
     metrics = table_metrics(task, t["metric"].unique())
@@ -70,13 +77,13 @@ def _panel(ax, t: pd.DataFrame, task: str, baseline: str) -> None:
     lim = max(span * 1.35, 0.5)
     ax.set_xlim(-lim, lim)
     ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_yticks(y, [_short(label) for label in labels], fontsize=8)
     ax.invert_yaxis()
     ax.set_title(f"{task}: Δ to {baseline}", fontsize=10)
     ax.set_xlabel("Δ (points); hatched: |Δ| > combined std", fontsize=8)
     # the legend below the panel, never over the bars
-    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=len(handles),
-              frameon=False)
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28),
+              ncol=min(6, len(handles)), frameon=False)
 
 
 def delta_figure(stats: pd.DataFrame, tasks: Sequence[str], baseline: Optional[str]) -> Tuple[Optional[bytes], List[str]]:

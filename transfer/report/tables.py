@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import pandas as pd
 
 from transfer.registry import FAMILY_ORDER, TASKS, load_builtin_tasks, task_order
+from transfer.report.load import PROTOCOL_FIELDS
 from transfer.report.reference import reference_note, reference_rows
 from transfer.report.stats import Summary, _diff_fields, describe_protocol
 
@@ -148,8 +149,10 @@ def _measured_rows(summary: Summary, task: str, groups: pd.DataFrame, weights: L
     several_engines = g_task["engine"].nunique() > 1
     primary = summary.primary.get(task, "")
     rows = []
+    main_engine = dict(zip(PROTOCOL_FIELDS, primary.split("|"))).get("engine", "")
     for name in weights:
-        own = g_task[g_task["weights"] == name].sort_values(["engine", "variant"])
+        own = g_task[g_task["weights"] == name]
+        own = own.assign(other=own["engine"] != main_engine).sort_values(["other", "engine", "variant"])
         kind = "baseline" if name == summary.baseline else "measured"
         if own.empty:  # this pretraining ran other tasks of the family, never this one
             rows.append(Row(name, kind, {m: Cell("not run", "missing", tip=f"no {task} result for {name}")
