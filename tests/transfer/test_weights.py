@@ -52,14 +52,19 @@ def test_converter_output_uses_its_manifest(fname, files):
     assert w.info()["sha256"] == json.loads(manifest_path(d / fname).read_text())["output_sha256"]
 
 
-def test_settings_come_from_the_manifest(files, tmp_path):
+def test_settings_come_from_the_manifest(files, tmp_path, caplog):
     d, _, _ = files
     convert_file(d / "checkpoint_0001.pth.tar", tmp_path / "w.pth")
     m = json.loads(manifest_path(tmp_path / "w.pth").read_text())
-    m["stride_in_1x1"], m["pixel_std"] = True, [1.0, 1.0, 1.0]
+    m["pixel_std"] = [1.0, 1.0, 1.0]  # another normalisation of a torchvision-style ResNet: used, but warned about
     manifest_path(tmp_path / "w.pth").write_text(json.dumps(m))
     w = load_backbone_weights(str(tmp_path / "w.pth"), name="custom")
-    assert (w.stride_in_1x1, w.pixel_std, w.name) == (True, [1.0, 1.0, 1.0], "custom")
+    assert (w.stride_in_1x1, w.pixel_std, w.name) == (False, [1.0, 1.0, 1.0], "custom")
+    assert "pixel_std [1.0, 1.0, 1.0] instead of" in caplog.text
+    m["stride_in_1x1"] = True  # a MoCo ResNet strides in its 3x3 conv: a manifest saying otherwise is refused
+    manifest_path(tmp_path / "w.pth").write_text(json.dumps(m))
+    with pytest.raises(ConversionError, match="stride_in_1x1 True instead of False"):
+        load_backbone_weights(str(tmp_path / "w.pth"))
 
 
 def test_raw_checkpoint_converted_on_the_fly(files):

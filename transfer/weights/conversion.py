@@ -8,6 +8,13 @@ Names follow torchvision's ResNet (``conv1``, ``bn1``, ``layer1.0.conv1`` ...). 
 ``BottleneckBlock``/``BasicBlock`` with ``conv{k}`` + ``conv{k}.norm`` and ``shortcut`` + ``shortcut.norm``)
 are produced by parsing whole dotted components, never by ``str.replace`` in the middle of a key (MoCo's
 converter rewrites ``fc`` into ``stem.fc`` that way).
+
+Caffe2 names (the MSRA ImageNet ResNets of Detectron's model zoo, e.g. Detectron2's
+``ImageNetPretrained/MSRA/R-50.pkl``, flat or under ``blobs``) are read too: ``conv1_w``,
+``res_conv1_bn_{s,b}``, ``res{2-5}_{block}_branch2{a,b,c}_w`` (+ ``_bn_{s,b}``), ``res{2-5}_0_branch1_w``
+(the shortcut); the names Detectron2's ``detectron2/checkpoint/c2_model_loading.py`` renames. Their BN is
+folded into a scale and a bias (caffe2's AffineChannel) with no running statistics; see
+:func:`fill_folded_bn_stats`. Their input convention is the opposite of torchvision's (:func:`input_settings`).
 """
 from __future__ import annotations
 
@@ -21,6 +28,13 @@ import torch
 # torchvision / MoCo convention: RGB, ImageNet mean and std on the 0-255 scale, stride in the 3x3 conv.
 TORCHVISION_PIXEL_MEAN = [123.675, 116.280, 103.530]
 TORCHVISION_PIXEL_STD = [58.395, 57.120, 57.375]
+# MSRA caffe2 convention (Detectron2's config defaults: INPUT.FORMAT "BGR", MODEL.PIXEL_MEAN, PIXEL_STD,
+# RESNETS.STRIDE_IN_1X1 True): BGR, mean in BGR order, std 1 on the 0-255 scale, stride in the 1x1 conv.
+MSRA_PIXEL_MEAN = [103.530, 116.280, 123.675]
+MSRA_PIXEL_STD = [1.0, 1.0, 1.0]
+# torchvision's BatchNorm2d eps; a folded caffe2 BN gets running_var = 1 - eps so that eval-mode BN is exactly
+# the affine scale/bias (Detectron2's FrozenBatchNorm2d initialises running_var the same way)
+BN_EPS = 1e-5
 
 BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
 # (block type, blocks per stage) of torchvision's ResNets (He et al. 2016, Table 1)
@@ -42,7 +56,7 @@ class Layout:
     name: str
     query: str  # prefix of the query (base) encoder
     key: Optional[str]  # prefix of the momentum encoder; None when the file holds one network
-    naming: str = "torchvision"  # or "detectron2"
+    naming: str = "torchvision"  # or "detectron2" or "caffe2"
 
 
 # Checked in full: a layout matches when some key under one of its prefixes is a backbone name.
@@ -56,7 +70,10 @@ LAYOUTS = (
     Layout("module_backbone_prefixed", "module.backbone.", None),
     Layout("torchvision", "", None),
     Layout("detectron2", "", None, naming="detectron2"),  # a converter output read back
+    Layout("msra_caffe2", "", None, naming="caffe2"),  # MSRA ImageNet ResNets of Detectron's model zoo
 )
+# layouts whose weights need the MSRA caffe2 input convention
+CAFFE2_LAYOUTS = frozenset(lay.name for lay in LAYOUTS if lay.naming == "caffe2")
 
 
 def tv_to_d2_name(name: str) -> Optional[str]:
@@ -107,9 +124,44 @@ def d2_to_tv_name(name: str) -> Optional[str]:
     return None
 
 
+_C2_BN = {"s": "weight", "b": "bias", "rm": "running_mean", "riv": "running_var"}
+
+
+def c2_to_tv_name(name: str) -> Optional[str]:
+    """torchvision name of a caffe2 ResNet backbone blob, or None if ``name`` is not one.
+
+    ``conv1_w``->``conv1.weight``, ``res_conv1_bn_{s,b}``->``bn1.{weight,bias}``,
+    ``res{s}_{b}_branch2{a,b,c}_w``->``layer{s-1}.{b}.conv{1,2,3}.weight`` (``_bn_s`` ... -> ``bn{k}``),
+    ``res{s}_{b}_branch1_w``->``layer{s-1}.{b}.downsample.0.weight`` (``_bn_s`` ... -> ``downsample.1``).
+    ``fc1000_*``, ``*_momentum`` and anything else give None.
+    """
+    p = name.split("_")
+    if p == ["conv1", "w"]:
+        return "conv1.weight"
+    if len(p) == 4 and p[:3] == ["res", "conv1", "bn"] and p[3] in _C2_BN:
+        return "bn1." + _C2_BN[p[3]]
+    if len(p) not in (4, 5) or p[0] not in ("res2", "res3", "res4", "res5") or not p[1].isdigit():
+        return None
+    stage, branch, rest = f"layer{int(p[0][3]) - 1}.{int(p[1])}", p[2], p[3:]
+    if branch in ("branch2a", "branch2b", "branch2c"):
+        k = "abc".index(branch[-1]) + 1
+        conv, bn = f"conv{k}", f"bn{k}"
+    elif branch == "branch1":
+        conv, bn = "downsample.0", "downsample.1"
+    else:
+        return None
+    if rest == ["w"]:
+        return f"{stage}.{conv}.weight"
+    if len(rest) == 2 and rest[0] == "bn" and rest[1] in _C2_BN:
+        return f"{stage}.{bn}.{_C2_BN[rest[1]]}"
+    return None
+
+
 def _to_tv(name: str, naming: str) -> Optional[str]:
     if naming == "detectron2":
         return d2_to_tv_name(name)
+    if naming == "caffe2":
+        return c2_to_tv_name(name)
     return name if tv_to_d2_name(name) is not None else None
 
 
@@ -119,8 +171,8 @@ def unwrap_state_dict(checkpoint: Any) -> Tuple[Mapping[str, Any], Optional[str]
         raise ConversionError(f"expected a dict of tensors, got {type(checkpoint).__name__}")
     nested = []
     sd: Mapping[str, Any] = checkpoint
-    for _ in range(2):  # e.g. {"state_dict": {...}} or {"model": {...}, "__author__": ...}
-        inner = next((k for k in ("state_dict", "model") if isinstance(sd.get(k), Mapping)), None)
+    for _ in range(2):  # e.g. {"state_dict": {...}}, {"model": {...}, "__author__": ...}, caffe2's {"blobs": {...}}
+        inner = next((k for k in ("state_dict", "model", "blobs") if isinstance(sd.get(k), Mapping)), None)
         if inner is None:
             break
         nested.append(inner)
@@ -151,8 +203,8 @@ def _detect(sd: Mapping[str, Any]) -> Layout:
     if not found:
         known = ", ".join(sorted({lay.query or "no prefix" for lay in LAYOUTS}))
         raise ConversionError(
-            "unknown checkpoint layout: no ResNet backbone tensor (conv1/bn1/layer1-4, or Detectron2 "
-            f"stem/res2-5) under any known prefix ({known}). Prefixes found: {_prefix_summary(sd)}")
+            "unknown checkpoint layout: no ResNet backbone tensor (conv1/bn1/layer1-4, Detectron2 "
+            f"stem/res2-5, or caffe2 conv1_w/res2_0_branch2a_w) under any known prefix ({known}). Prefixes found: {_prefix_summary(sd)}")
     if len(found) > 1:
         raise ConversionError(f"ambiguous checkpoint layout: matches {[lay.name for lay in found]}")
     return found[0]
@@ -164,10 +216,13 @@ def detect_layout(checkpoint: Any) -> str:
     return _detect(sd).name
 
 
-def _drop_group(key: str, prefix: str) -> str:
-    """Label used to count dropped keys: ``module.encoder_q.fc``, ``module.encoder_k``, ``module.queue``."""
+def _drop_group(key: str, prefix: str, naming: str) -> str:
+    """Label used to count dropped keys: ``module.encoder_q.fc``, ``module.encoder_k``, ``module.queue``;
+    caffe2 blobs: ``fc1000``, ``*_momentum``."""
     if key.endswith(".num_batches_tracked"):
         return "*.num_batches_tracked"
+    if naming == "caffe2":
+        return "*_momentum" if key.endswith("_momentum") else key.rsplit("_", 1)[0]
     if prefix and key.startswith(prefix):
         return prefix + key[len(prefix):].split(".")[0]
     parts = key.split(".")
@@ -198,7 +253,7 @@ def extract_backbone(checkpoint: Any, encoder: str = "query") -> Tuple[Dict[str,
     for k, v in sd.items():
         tv = _to_tv(k[len(prefix):], layout.naming) if k.startswith(prefix) else None
         if tv is None or not _is_array(v):
-            dropped[_drop_group(k, prefix)] += 1
+            dropped[_drop_group(k, prefix, layout.naming)] += 1
             continue
         if tv in out:
             raise ConversionError(f"two checkpoint keys map to {tv}")
@@ -207,9 +262,38 @@ def extract_backbone(checkpoint: Any, encoder: str = "query") -> Tuple[Dict[str,
     if not out:
         raise ConversionError(f"layout {layout.name}: no backbone tensor under prefix {prefix!r}; "
                               f"prefixes found: {_prefix_summary(sd)}")
+    filled = fill_folded_bn_stats(out) if layout.naming == "caffe2" else 0
     info = {"layout": layout.name, "encoder": encoder, "prefix": prefix, "nested_under": nested,
-            "num_tensors": len(out), "dropped": dict(sorted(dropped.items()))}
+            "num_tensors": len(out), "dropped": dict(sorted(dropped.items())), "filled_bn_stats": filled}
     return out, info
+
+
+def fill_folded_bn_stats(backbone_sd: Dict[str, torch.Tensor], eps: float = BN_EPS) -> int:
+    """Give every BN of a caffe2 backbone that has a scale but no running statistics (AffineChannel: the
+    statistics were folded into scale and bias) ``running_mean`` 0 and ``running_var`` 1 - eps, so that
+    BN in eval mode computes exactly ``x * weight + bias``. In place; returns the number of tensors added.
+    BN layers are the 1-D ``.weight`` tensors (convolution weights are 4-D)."""
+    added = 0
+    for k in [k for k, v in backbone_sd.items() if k.endswith(".weight") and v.dim() == 1]:
+        base, w = k[: -len(".weight")], backbone_sd[k]
+        if base + ".running_mean" not in backbone_sd:
+            backbone_sd[base + ".running_mean"] = torch.zeros_like(w)
+            added += 1
+        if base + ".running_var" not in backbone_sd:
+            backbone_sd[base + ".running_var"] = torch.full_like(w, 1.0 - eps)
+            added += 1
+    return added
+
+
+def input_settings(layout: str) -> Dict[str, Any]:
+    """The input convention weights of a source layout need: the MSRA caffe2 one (BGR, mean in BGR order,
+    std 1, stride in the 1x1 conv) for caffe2 layouts, torchvision's (RGB, ImageNet mean/std on the 0-255
+    scale, stride in the 3x3 conv) for every other (MoCo builds its encoders from torchvision's ResNet)."""
+    if layout in CAFFE2_LAYOUTS:
+        return {"input_format": "BGR", "pixel_mean": list(MSRA_PIXEL_MEAN), "pixel_std": list(MSRA_PIXEL_STD),
+                "stride_in_1x1": True}
+    return {"input_format": "RGB", "pixel_mean": list(TORCHVISION_PIXEL_MEAN),
+            "pixel_std": list(TORCHVISION_PIXEL_STD), "stride_in_1x1": False}
 
 
 def expected_shapes(arch: str) -> Dict[str, Tuple[int, ...]]:

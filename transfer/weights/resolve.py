@@ -1,8 +1,9 @@
 """The backbone weights a transfer task starts from, with the input settings they need.
 
 Resolved by the runner from ``--weights``: a converter output (its manifest gives the input
-format), a raw pretraining checkpoint (converted on the fly), a torchvision state dict (the
-supervised counterpart) or ``random``.
+format), a raw pretraining checkpoint (converted on the fly), a torchvision state dict, an MSRA caffe2
+pickle, ``random``, or a supervised counterpart by name (``supervised``, ``supervised_tv[=file]``,
+``supervised_msra=file``; ``transfer/weights/supervised.py``).
 """
 from __future__ import annotations
 
@@ -10,17 +11,21 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from pretrain.utils.io import CheckpointError, sha256_file
+from transfer.weights import supervised
 from transfer.weights.files import load_checkpoint_file, read_manifest, weights_stem
 # torchvision / MoCo convention: RGB, ImageNet mean and std on the 0-255 scale, stride in the 3x3 conv.
-from transfer.weights.conversion import (ARCHS, TORCHVISION_PIXEL_MEAN, TORCHVISION_PIXEL_STD, ConversionError,
-                                 extract_backbone, infer_arch, verify_backbone)
+from transfer.weights.conversion import (ARCHS, CAFFE2_LAYOUTS, TORCHVISION_PIXEL_MEAN, TORCHVISION_PIXEL_STD,
+                                         ConversionError, extract_backbone, infer_arch, input_settings,
+                                         verify_backbone)
 
 logger = logging.getLogger(__name__)
+
+SETTINGS = ("input_format", "pixel_mean", "pixel_std", "stride_in_1x1")
 
 
 @dataclass
@@ -33,16 +38,20 @@ class BackboneWeights:
     pixel_mean: List[float] = field(default_factory=lambda: list(TORCHVISION_PIXEL_MEAN))
     pixel_std: List[float] = field(default_factory=lambda: list(TORCHVISION_PIXEL_STD))
     stride_in_1x1: bool = False
-    layout: str = "unknown"  # detected source layout (moco_v1v2, moco_v3, torchvision, ...)
+    layout: str = "unknown"  # detected source layout (moco_v1v2, moco_v3, torchvision, msra_caffe2, ...)
     sha256: str = ""  # of the source file ("" for random)
     source: str = ""  # path of the source file
+    # what the weights are, for the tables: random, supervised_tv, supervised_msra, or checkpoint
+    kind: str = "checkpoint"
+    description: str = ""  # e.g. "supervised IN-1M: torchvision resnet50 IMAGENET1K_V1"
 
     def info(self) -> dict:
         """Everything but the tensors, for results."""
         return {
             "name": self.name, "arch": self.arch, "input_format": self.input_format,
             "pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std, "stride_in_1x1": self.stride_in_1x1,
-            "layout": self.layout, "sha256": self.sha256, "source": self.source,
+            "layout": self.layout, "sha256": self.sha256, "source": self.source, "kind": self.kind,
+            "description": self.description,
         }
 
 
@@ -51,30 +60,107 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "weights"
 
 
+def check_input_settings(settings: Dict[str, Any], layout: str, where: str) -> None:
+    """Refuse input settings that contradict the weights' source layout (protocols.md, Known traps: an
+    RGB/BGR, mean/std or stride mismatch costs several AP silently).
+
+    MSRA caffe2 weights need exactly BGR, their BGR mean, std 1 and the stride in the 1x1 conv; weights of
+    every other layout come from torchvision-style ResNets, whose stride is in the 3x3 conv. Another
+    colour order or mean/std for those is allowed (a pretraining may normalise differently) but warned about.
+    """
+    want = input_settings(layout)
+    differ = {k: (settings[k], want[k]) for k in SETTINGS if settings[k] != want[k]}
+    if not differ:
+        return
+    text = "; ".join(f"{k} {got} instead of {exp}" for k, (got, exp) in differ.items())
+    if layout in CAFFE2_LAYOUTS or "stride_in_1x1" in differ:
+        raise ConversionError(
+            f"{where}: the weights are {layout} but their input settings say {text}. These weights only work "
+            f"with {want}; re-run tools/convert_to_d2.py on the original file to get a correct manifest")
+    logger.warning("%s: input settings differ from the %s convention: %s. Make sure the weights were trained "
+                   "on input prepared this way", where, layout, text)
+
+
 def load_backbone_weights(spec: str, name: Optional[str] = None, arch: Optional[str] = None,
                           encoder: str = "query") -> BackboneWeights:
-    """Resolve ``--weights``: ``random``, a converter output, a raw pretraining checkpoint or a torchvision file.
+    """Resolve ``--weights``: ``random``, a supervised counterpart by name, a converter output, a raw
+    pretraining checkpoint or a torchvision / caffe2 file.
 
     - ``random``: no state dict (random init), arch default resnet50, name ``random`` (``random-<arch>``
       for other depths).
+    - ``supervised`` or ``supervised_tv``: torchvision's ``IMAGENET1K_V1`` weights of ``arch`` (default
+      resnet50) from the torch hub cache, downloaded when missing; ``supervised_tv=FILE``: the same from a
+      local file. Name ``supervised`` (``supervised-<arch>``) when the file is the one torchvision publishes.
+    - ``supervised_msra=FILE``: the MSRA caffe2 ResNet (Detectron2's ``R-50.pkl``) or a converter output of
+      it; BGR, std 1, stride in the 1x1 conv. Name ``supervised_msra`` (``supervised_msra-<arch>``).
     - a converter output (``.pkl`` Detectron2 names or ``.pth`` torchvision names) with
       ``<file>.manifest.json`` beside it: input settings and source layout come from the manifest, which
-      must describe this very file (its ``output_sha256``); the default name is the file stem.
-    - any other checkpoint (MoCo v1/v2/v3, this project's, a plain torchvision state dict, a ``.pkl`` without
-      manifest): converted on the fly with ``transfer.weights.conversion``; torchvision input settings; the default
-      name ``<stem>-<sha256[:8]>`` is stable for the same file and differs between different files.
-    Detectron2-named inputs come back with torchvision names. Raises ConversionError / CheckpointError
+      must describe this very file (its ``output_sha256``) and agree with its source layout
+      (:func:`check_input_settings`); the default name is the file stem.
+    - any other checkpoint (MoCo v1/v2/v3, this project's, a plain torchvision state dict, an MSRA caffe2
+      pickle, a ``.pkl`` without manifest): converted on the fly with ``transfer.weights.conversion``; input
+      settings of its layout; the default name ``<stem>-<sha256[:8]>`` is stable for the same file and
+      differs between different files.
+    Detectron2 and caffe2 names come back as torchvision names. Raises ConversionError / CheckpointError
     unless every backbone tensor of the (given or inferred) depth is present with its shape.
     """
-    if spec == "random":
+    kind, path = supervised.parse_spec(spec)
+    if kind == "random":
         arch = arch or "resnet50"
         if arch not in ARCHS:
             raise ConversionError(f"unknown arch {arch!r}; known: {sorted(ARCHS)}")
         return BackboneWeights(name=name or ("random" if arch == "resnet50" else f"random-{arch}"), arch=arch,
-                               state_dict=None, layout="random")
+                               state_dict=None, layout="random", kind="random", description="random init")
+    if kind == "supervised_tv":
+        if path is None:
+            path = str(supervised.torchvision_file(arch or "resnet50"))
+        return _supervised_tv(load_weights_file(path, name, arch, encoder), name)
+    if kind == "supervised_msra":
+        if path is None:
+            raise supervised.msra_missing_file(arch or "resnet50")
+        return _supervised_msra(load_weights_file(path, name, arch, encoder), name)
+    return load_weights_file(path, name, arch, encoder)
+
+
+def _suffix(arch: str) -> str:
+    return "" if arch == "resnet50" else f"-{arch}"
+
+
+def _supervised_tv(w: BackboneWeights, name: Optional[str]) -> BackboneWeights:
+    if w.layout in CAFFE2_LAYOUTS:
+        raise ConversionError(f"{w.source} holds MSRA caffe2 weights ({w.layout}), not torchvision's: "
+                              f"use --weights supervised_msra={w.source}")
+    entry = supervised.torchvision_entry(w.arch)
+    published = w.sha256.startswith(supervised.hash_prefix(entry.url) or "-")
+    if not published:
+        logger.warning("%s is not the file torchvision publishes for %s %s (%s; its SHA-256 starts with %s, "
+                       "not %s): labelled as another supervised model", w.source, w.arch,
+                       supervised.TORCHVISION_WEIGHTS, entry.url, w.sha256[:8], supervised.hash_prefix(entry.url))
+    w.kind = "supervised_tv"
+    w.name = name or ("supervised" + _suffix(w.arch) if published else _safe_name(f"supervised_tv-{w.name}"))
+    w.description = (f"supervised IN-1M: torchvision {w.arch} {supervised.TORCHVISION_WEIGHTS}" if published
+                     else f"supervised: torchvision-layout {w.arch} from {Path(w.source).name}")
+    return w
+
+
+def _supervised_msra(w: BackboneWeights, name: Optional[str]) -> BackboneWeights:
+    if w.layout not in CAFFE2_LAYOUTS:
+        raise ConversionError(
+            f"{w.source} is not an MSRA caffe2 ResNet (its layout is {w.layout}; expected caffe2 names such as "
+            f"res2_0_branch2a_w, or a converter output of such a file): use --weights supervised_tv={w.source} "
+            "for torchvision weights")
+    w.kind, w.name = "supervised_msra", name or "supervised_msra" + _suffix(w.arch)
+    w.description = f"supervised IN-1M: MSRA caffe2 {w.arch} (Detectron2 ImageNetPretrained/MSRA)"
+    return w
+
+
+def load_weights_file(spec: str, name: Optional[str] = None, arch: Optional[str] = None,
+                      encoder: str = "query") -> BackboneWeights:
+    """One weights file (see :func:`load_backbone_weights`), with the settings of its manifest or layout."""
     path = Path(spec)
     if not path.is_file():
-        raise CheckpointError(f"weights not found: {spec!r} (expected 'random' or a checkpoint file)")
+        raise CheckpointError(f"weights not found: {spec!r} (expected 'random', 'supervised', "
+                              "'supervised_tv[=FILE]', 'supervised_msra=FILE' or a checkpoint file)")
     manifest = read_manifest(path)
     sha = sha256_file(path)
     if manifest is not None and manifest.get("output_sha256") != sha:
@@ -88,9 +174,12 @@ def load_backbone_weights(spec: str, name: Optional[str] = None, arch: Optional[
             logger.warning("%s has Detectron2 names but no manifest: assuming torchvision input settings "
                            "(RGB, ImageNet mean/std, STRIDE_IN_1X1 False)", path)
         return BackboneWeights(name=name or _safe_name(f"{weights_stem(path)}-{sha[:8]}"), arch=arch,
-                               state_dict=backbone, layout=info["layout"], sha256=sha, source=str(path))
-    return BackboneWeights(
-        name=name or _safe_name(manifest.get("name") or weights_stem(path)), arch=arch, state_dict=backbone,
-        input_format=manifest["input_format"], pixel_mean=[float(x) for x in manifest["pixel_mean"]],
-        pixel_std=[float(x) for x in manifest["pixel_std"]], stride_in_1x1=bool(manifest["stride_in_1x1"]),
-        layout=manifest.get("layout", info["layout"]), sha256=sha, source=str(path))
+                               state_dict=backbone, layout=info["layout"], sha256=sha, source=str(path),
+                               **input_settings(info["layout"]))
+    layout = manifest.get("layout", info["layout"])
+    settings = {"input_format": manifest["input_format"], "pixel_mean": [float(x) for x in manifest["pixel_mean"]],
+                "pixel_std": [float(x) for x in manifest["pixel_std"]],
+                "stride_in_1x1": bool(manifest["stride_in_1x1"])}
+    check_input_settings(settings, layout, f"{path} (manifest)")
+    return BackboneWeights(name=name or _safe_name(manifest.get("name") or weights_stem(path)), arch=arch,
+                           state_dict=backbone, layout=layout, sha256=sha, source=str(path), **settings)
