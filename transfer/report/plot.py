@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from transfer.registry import task_order
+from transfer.report.load import PROTOCOL_FIELDS
 from transfer.report.tables import ordered, table_metrics
 
 _ZERO = 0.005  # |Δ| below this prints as +0.00
@@ -51,6 +52,10 @@ def _short(row_label: str) -> str:
 
 def _panel(ax, t: pd.DataFrame, task: str, baseline: str) -> None:
     labels = list(dict.fromkeys(t["row_label"]))
+    engines = {label: p.split("|")[PROTOCOL_FIELDS.index("engine")] for label, p in zip(t["row_label"], t["protocol"])}
+    names = [_short(label) for label in labels]
+    if len(set(engines.values())) > 1:  # as in the table: every row says its engine when a task has several
+        names = [n if " · " in n else f"{n} · {engines[label]}" for n, label in zip(names, labels)]
     metrics = table_metrics(task, t["metric"].unique())
     height = 0.8 / len(metrics)
     y = np.arange(len(labels))
@@ -70,14 +75,15 @@ def _panel(ax, t: pd.DataFrame, task: str, baseline: str) -> None:
                 continue
             if sig:
                 bar.set_hatch("//")
-            reach = abs(d) + (e if math.isfinite(e) else 0.0)
+            reach = abs(d) + (e if math.isfinite(e) else 0.0)  # the value is written past the error bar
             span = max(span, reach)
-            ax.annotate(f"{d:+.2f}", (d, bar.get_y() + bar.get_height() / 2), xytext=(4 if d >= 0 else -4, 0),
+            ax.annotate(f"{d:+.2f}", (math.copysign(reach, d), bar.get_y() + bar.get_height() / 2),
+                        xytext=(4 if d >= 0 else -4, 0),
                         textcoords="offset points", ha="left" if d >= 0 else "right", va="center", fontsize=7)
     lim = max(span * 1.35, 0.5)
     ax.set_xlim(-lim, lim)
     ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_yticks(y, [_short(label) for label in labels], fontsize=8)
+    ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
     ax.set_title(f"{task}: Δ to {baseline}", fontsize=10)
     ax.set_xlabel("Δ (points); hatched: |Δ| > combined std", fontsize=8)

@@ -40,9 +40,14 @@ def source_kind(source: str) -> str:
     return "published"
 
 
+def reference_where(paper: str, table: str) -> str:
+    """Where a published number is printed, e.g. ``MoCo v1 paper Table 2b``."""
+    return f"{PAPER_NAMES.get(paper, paper)} {re.sub(r'^Table(?=[0-9])', 'Table ', table)}"
+
+
 def reference_label(paper: str, table: str, source: str) -> str:
-    """Row label, e.g. ``published (MoCo v1 paper Table 2b)``; non-paper rows say what they are."""
-    where = f"{PAPER_NAMES.get(paper, paper)} {re.sub(r'^Table(?=[0-9])', 'Table ', table)}"
+    """Source label, e.g. ``published (MoCo v1 paper Table 2b)``; non-paper rows say what they are."""
+    where = reference_where(paper, table)
     kind = source_kind(source)
     if kind == "unverified":
         return f"UNVERIFIED secondary source ({where})"

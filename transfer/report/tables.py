@@ -19,7 +19,7 @@ import pandas as pd
 
 from transfer.registry import FAMILY_ORDER, TASKS, load_builtin_tasks, task_order
 from transfer.report.load import PROTOCOL_FIELDS
-from transfer.report.reference import reference_note, reference_rows
+from transfer.report.reference import reference_note, reference_rows, reference_where
 from transfer.report.stats import Summary, _diff_fields, describe_protocol
 
 # effective values that are not part of "what was run" in the header (device placement, derived)
@@ -252,7 +252,7 @@ def build_tables(summary: Summary, ref: Optional[pd.DataFrame], notes: Footnotes
                 else:
                     shown_published[key] = task
                     block.rows += _published_rows(task_ref, notes)
-                    block.source_table = str(task_ref["label"].iloc[0]).split("(", 1)[-1].rstrip(")")
+                    block.source_table = reference_where(task_ref["paper"].iloc[0], task_ref["table"].iloc[0])
                     if reference_note(task):
                         block.notes.append(notes.add(f"{task} published rows: {reference_note(task)}."))
             blocks.append(block)
