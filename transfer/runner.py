@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from pretrain.data.folder import count_unreadable
 from pretrain.utils import dist
 from pretrain.utils.config import ConfigError, config_to_yaml, load_config, protocol_hash
 from pretrain.utils.env import collect_env
@@ -42,6 +43,7 @@ from transfer.weights.resolve import BackboneWeights
 log = logging.getLogger(__name__)
 
 PRESETS = ("full", "smoke")
+DEFAULT_MAX_UNREADABLE = 0.001  # for a task whose config has no data.max_unreadable_fraction
 SMOKE_DIR = "smoke"
 
 
@@ -102,8 +104,10 @@ def route_overrides(tasks: Sequence[str], overrides: Sequence[str]) -> Dict[str,
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ConfigError(f"overrides must look like key=value, got {item!r}")
-        head, _, rest = key.partition(".")
-        if head in TASKS:
+        # the longest task name that prefixes the key: task names may contain dots (lvis_v0.5_1x)
+        head = max((t for t in TASKS if key.startswith(t + ".")), key=len, default="")
+        rest = key[len(head) + 1:]
+        if head:
             if head not in routed:
                 raise ConfigError(f"override {item!r} is for task {head!r}, which is not selected "
                                   f"(selected: {', '.join(tasks)})")
@@ -235,7 +239,11 @@ def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOpt
                            data_root=data_root, output_dir=out_dir, cache_dir=Path(opts.output) / "_cache",
                            world_size=world, rank=dist.rank())
         log.info("%s trial %d: engine=%s seed=%d effective=%s", spec.name, trial, engine, seed, record["effective"])
-        metrics = spec.engines[engine](cfg, weights, ctx)
+        max_bad = getattr(getattr(cfg, "data", None), "max_unreadable_fraction", DEFAULT_MAX_UNREADABLE)
+        with count_unreadable(max_bad) as unreadable:  # the datasets skip and count undecodable images
+            metrics = spec.engines[engine](cfg, weights, ctx)
+            record["unreadable_images"] = unreadable.count()
+            record["unreadable_examples"] = unreadable.examples()
         record["metrics"] = {k: float(v) for k, v in (metrics or {}).items()}
         record["status"] = "ok"
         log.info("%s trial %d: %s", spec.name, trial, "  ".join(f"{k} {v:.2f}" for k, v in record["metrics"].items()))

@@ -6,8 +6,9 @@ size) and counted: each sample carries how many files it skipped, the loop sums 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, List, Optional
 
 import torch
 from PIL import Image
@@ -60,8 +61,92 @@ def load_rgb(path: str | Path) -> Image.Image:
         return img.convert("RGB")
 
 
+class TooManyUnreadableImages(RuntimeError):
+    """More images of a dataset failed to decode than its threshold allows."""
+
+
+class UnreadableImages:
+    """Which samples of one dataset failed to decode: a flag per sample in shared memory, so that what
+    DataLoader workers find reaches the main process. ``max_fraction`` of the samples (at least one) may
+    fail; one more raises :class:`TooManyUnreadableImages` with the count."""
+
+    def __init__(self, paths: List[str], max_fraction: float = 1.0) -> None:
+        self.paths = paths
+        self.flags = torch.zeros(len(paths), dtype=torch.uint8).share_memory_()
+        self.limit = max(1, int(max_fraction * len(paths)))
+
+    def is_bad(self, i: int) -> bool:
+        return bool(self.flags[i])
+
+    def mark(self, i: int, error: BaseException) -> None:
+        if not self.flags[i]:
+            log.warning("skipping unreadable image %s: %s", self.paths[i], error)
+        self.flags[i] = 1
+        n = int(self.flags.sum())
+        if n > self.limit:
+            raise TooManyUnreadableImages(f"{n} of {len(self.paths)} images are unreadable (more than the "
+                                          f"{self.limit} allowed by data.max_unreadable_fraction), e.g. {self.paths[i]}")
+
+    def read(self, i: int, open_fn: Callable[[int], object]) -> tuple[int, object]:
+        """``(j, open_fn(j))`` for the first readable sample ``j`` from ``i`` on (wrapping): a stand-in keeps
+        batches full, as in pretraining; the unreadable ones are flagged and counted."""
+        for k in range(len(self.paths)):
+            j = (i + k) % len(self.paths)
+            if self.flags[j]:
+                continue
+            try:
+                return j, open_fn(j)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                self.mark(j, e)
+        raise TooManyUnreadableImages(f"no readable image at all among {len(self.paths)} (e.g. {self.paths[0]})")
+
+
+class UnreadableScope:
+    """The :class:`UnreadableImages` of the datasets built inside :func:`count_unreadable` (one trial)."""
+
+    def __init__(self, max_fraction: float) -> None:
+        self.max_fraction, self.trackers = max_fraction, []  # type: ignore[var-annotated]
+
+    def count(self) -> int:
+        """Distinct unreadable images over every dataset and rank (a collective: every rank calls it)."""
+        from pretrain.utils import dist
+
+        total = 0
+        for t in self.trackers:  # every rank built the same datasets in the same order
+            total += int((dist.all_reduce_sum(t.flags.to(torch.int32)) > 0).sum())
+        return total
+
+    def examples(self, k: int = 5) -> List[str]:
+        return [t.paths[i] for t in self.trackers for i in t.flags.nonzero().flatten().tolist()][:k]
+
+
+_SCOPES: List[UnreadableScope] = []
+
+
+@contextmanager
+def count_unreadable(max_fraction: float) -> Iterator[UnreadableScope]:
+    """Datasets built inside this block (``LabelledImages``, the transfer datasets) skip and count their
+    unreadable images and fail above ``max_fraction`` of a dataset; ``scope.count()`` sums them."""
+    _SCOPES.append(UnreadableScope(max_fraction))
+    try:
+        yield _SCOPES[-1]
+    finally:
+        _SCOPES.pop()
+
+
+def unreadable_tracker(paths: List[str]) -> UnreadableImages:
+    """A tracker for a new dataset, registered with the current :func:`count_unreadable` scope if any
+    (outside one: skips and counts without a limit, as the pretraining datasets do)."""
+    scope: Optional[UnreadableScope] = _SCOPES[-1] if _SCOPES else None
+    tracker = UnreadableImages(paths, scope.max_fraction if scope else 1.0)
+    if scope is not None:
+        scope.trackers.append(tracker)
+    return tracker
+
+
 class LabelledImages(Dataset):
-    """``root/<class>/*`` as ``(transform(image), class_index)``, for kNN and linear probes.
+    """``root/<class>/*`` as ``(transform(image), class_index)``, for kNN and linear probes; unreadable
+    files are skipped and counted (:func:`count_unreadable`).
 
     Exposes ``classes``, ``samples`` (``[(path, class_index)]``), ``root`` and ``loader`` like
     torchvision's ImageFolder, on the project's one scanner.
@@ -74,14 +159,15 @@ class LabelledImages(Dataset):
         self.samples = [(str(p), c) for p, c in items]
         self.transform = transform
         self.loader = load_rgb
+        self.unreadable = unreadable_tracker([p for p, _ in self.samples])
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        img = self.loader(path)
-        return (self.transform(img) if self.transform is not None else img), label
+        # an unreadable file is flagged and the next readable sample stands in (with its own label)
+        j, img = self.unreadable.read(i, lambda k: self.loader(self.samples[k][0]))
+        return (self.transform(img) if self.transform is not None else img), self.samples[j][1]
 
 
 class ClassFolderPairs(Dataset):

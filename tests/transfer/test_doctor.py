@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from pretrain.data.synthetic import make_imagenet_folders
 from transfer import doctor
@@ -134,3 +135,41 @@ def test_run_all_fails_a_broken_task_with_the_doctors_message(root, tmp_path):
     assert bad["wall_time_s"] < 5
     ok = json.loads((out / "random-resnet18" / "imagenet_knn" / "trial0" / "metrics.json").read_text())
     assert ok["status"] == "ok", ok["error"]
+
+
+def _corrupt(paths):
+    for p in paths:
+        p.write_bytes(p.read_bytes()[:100])
+
+
+def test_unreadable_images_are_skipped_counted_and_limited(root, tmp_path):
+    """A corrupt training image: the trial runs and metrics.json counts it; more than the threshold: it fails."""
+    from transfer.run_all import main
+
+    train = sorted((root / "imagenet" / "train").rglob("*.JPEG"))
+    _corrupt(train[:1])
+    args = ["--weights", "random", "--arch", "resnet18", "--tasks", "imagenet_knn", "--preset", "smoke",
+            "--data-root", str(root), "--no-report"]
+    conf = ["data.image_size=16", "data.resize_size=16", "data.max_unreadable_fraction=0.25"]
+    assert main(args + ["--output", str(tmp_path / "a"), *conf]) == 0
+    rec = json.loads((tmp_path / "a" / "random-resnet18" / "imagenet_knn" / "trial0" / "metrics.json").read_text())
+    assert rec["status"] == "ok" and rec["unreadable_images"] == 1 and rec["unreadable_examples"] == [str(train[0])]
+
+    _corrupt(train[1:2])  # 2 of 4 > 25 %
+    assert main(args + ["--output", str(tmp_path / "b"), *conf]) == 1
+    rec = json.loads((tmp_path / "b" / "random-resnet18" / "imagenet_knn" / "trial0" / "metrics.json").read_text())
+    assert rec["status"] == "failed" and "TooManyUnreadableImages: 2 of 4 images are unreadable" in rec["error"]
+
+
+def test_voc_dataset_stands_in_the_next_readable_image(root):
+    from pretrain.data.folder import count_unreadable
+    from transfer.data.voc import VOCDetection, load_voc_records
+
+    records = load_voc_records(root, "2007_trainval")
+    _corrupt([Path(records[0]["file_name"])])
+    with count_unreadable(0.5) as scope:
+        ds = VOCDetection(records)
+        image, target = ds[0]
+        assert target["image_id"] == records[1]["image_id"] and image.shape[1:] == (40, 48)
+        assert torch.equal(target["boxes"], records[1]["boxes"])
+        assert scope.count() == 1 and scope.examples() == [records[0]["file_name"]]

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from pretrain.data.folder import unreadable_tracker
+
 # Detectron2's / the devkit's class order; label k+1 in the detector (0 is background).
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -135,6 +137,7 @@ class VOCDetection(Dataset):
     image: (3, H, W) float in [0, 1], channels in ``input_format`` order (``"BGR"`` reverses RGB);
     target: ``{"boxes": (K, 4) float xyxy 0-based, "labels": (K,) int64, "image_id": str}``.
     Horizontal flip with probability ``hflip_prob`` (training); resizing is the model's transform.
+    Unreadable images are skipped and counted (``pretrain.data.folder.count_unreadable``).
     """
 
     def __init__(self, records: List[dict], input_format: str = "RGB", hflip_prob: float = 0.0, seed: int = 0):
@@ -144,17 +147,19 @@ class VOCDetection(Dataset):
         self.bgr = input_format == "BGR"
         self.hflip_prob = hflip_prob
         self.seed = seed
+        self.unreadable = unreadable_tracker([r["file_name"] for r in records])
+
+    def _decode(self, idx: int) -> np.ndarray:
+        with Image.open(self.records[idx]["file_name"]) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, idx: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        # an unreadable image is flagged and counted; the next readable record stands in (image and boxes)
+        idx, arr = self.unreadable.read(idx, self._decode)
         r = self.records[idx]
-        try:
-            with Image.open(r["file_name"]) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except OSError as e:
-            raise VOCDataError(f"cannot read VOC image {r['file_name']}: {e}; {EXPECTED_LAYOUT}") from None
         image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
         if self.bgr:
             image = image.flip(0)

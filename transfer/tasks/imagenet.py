@@ -24,6 +24,8 @@ class ImageNetDataConfig:
     image_size: int = 224  # RandomResizedCrop / CenterCrop size
     resize_size: int = 256  # eval: Resize(256) then CenterCrop(224)
     workers: int = run_setting(8)  # dataloader workers per process
+    # unreadable images are skipped and counted (metrics.json); above this fraction of a dataset the trial fails
+    max_unreadable_fraction: float = run_setting(0.001)
 
 
 @dataclass(frozen=True)

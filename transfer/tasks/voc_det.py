@@ -23,6 +23,8 @@ class VOCDataConfig:
     # Detectron2's load_voc_instances keeps difficult objects for training ("they don't hurt accuracy")
     train_use_difficult: bool = True
     num_workers: int = run_setting(4)
+    # unreadable images are skipped and counted (metrics.json); above this fraction of a dataset the trial fails
+    max_unreadable_fraction: float = run_setting(0.001)
 
 
 @dataclass(frozen=True)
