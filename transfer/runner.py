@@ -244,15 +244,26 @@ def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOpt
             metrics = spec.engines[engine](cfg, weights, ctx)
             record["unreadable_images"] = unreadable.count()
             record["unreadable_examples"] = unreadable.examples()
+        dist.all_ok()  # raises here when a peer failed: no rank records a success alone
         record["metrics"] = {k: float(v) for k, v in (metrics or {}).items()}
         record["status"] = "ok"
         log.info("%s trial %d: %s", spec.name, trial, "  ".join(f"{k} {v:.2f}" for k, v in record["metrics"].items()))
     except Exception as e:  # a task failing must not stop the suite
         record["error"] = one_line_error(e)
-        log.error("%s trial %d failed: %s", spec.name, trial, record["error"])
-        if dist.is_main():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out_dir / "error.log", traceback.format_exc())
+        if world > 1:  # tell the peers now (they fail out of any collective), then start afresh together
+            mine = f"rank {dist.rank()}: {record['error']}"
+            record["error"] = dist.publish_failure(mine)
+            log.error("%s trial %d failed on %s", spec.name, trial, record["error"])
+            if dist.is_main():
+                out_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(out_dir / "error.log", f"first error: {record['error']}\nrank 0:\n"
+                                  f"{traceback.format_exc()}")
+            dist.reform_group()
+        else:
+            log.error("%s trial %d failed: %s", spec.name, trial, record["error"])
+            if dist.is_main():
+                out_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(out_dir / "error.log", traceback.format_exc())
     finally:
         trial_log.close()
     record["wall_time_s"] = round(time.time() - start, 3)

@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)  # a slow rank (rank 0 scoring AP) is not a failure
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -58,8 +60,66 @@ def init_distributed(device: torch.device) -> None:
     if is_dist() or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group(backend=backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
     log.info("process group: backend=%s rank=%d world_size=%d", backend, rank(), world_size())
+
+
+# ----- failure of one rank: no hung peers ---------------------------------------------------------
+# A rank that raises inside a trial publishes its error in the process group's store and aborts its own
+# connections: every peer waiting in a collective then fails within seconds (gloo: "connection closed by
+# peer"; NCCL: the abort) instead of at the 30-minute collective timeout. The peers publish too (the
+# first error wins) and every rank then re-forms the process group on a fresh store prefix, so the next
+# trial starts clean. Used by the transfer runner around each trial.
+_GENERATION = [0]  # process groups formed after a failure; names this generation's error key
+
+
+def _error_key() -> str:
+    return f"trial_error/{_GENERATION[0]}"
+
+
+def publish_failure(message: str) -> str:
+    """Record ``message`` as this generation's error unless a rank did first, then abort this rank's
+    connections. Returns the first rank's error (``message`` itself on one process)."""
+    if not is_dist():
+        return message
+    store = dist.distributed_c10d._get_default_store()
+    first = store.compare_set(_error_key(), "", message).decode()
+    try:
+        dist.group.WORLD.abort()  # peers blocked in a collective with this rank fail now
+    except Exception as e:  # noqa: BLE001  (already aborted by a peer's failure: nothing to close)
+        log.debug("abort: %s", e)
+    return first or message
+
+
+def first_failure() -> str | None:
+    """The error a rank published in this generation, if any (never blocks)."""
+    if not is_dist():
+        return None
+    store = dist.distributed_c10d._get_default_store()
+    return store.get(_error_key()).decode() if store.check([_error_key()]) else None
+
+
+def all_ok() -> None:
+    """A collective every healthy rank reaches at the end of a trial: raises when a peer failed (its
+    aborted connections make the all-reduce fail), so that no rank records a success alone."""
+    if is_dist():
+        flag = torch.zeros(1, device=backend_device())
+        dist.all_reduce(flag)
+
+
+def reform_group() -> None:
+    """After a failed trial, on every rank: replace the aborted process group by a new one (same backend,
+    ranks and timeout) on a fresh prefix of the same store. Blocks until every rank has called it."""
+    if not is_dist():
+        return
+    store, backend = dist.distributed_c10d._get_default_store(), dist.get_backend()
+    r, w = rank(), world_size()
+    dist.destroy_process_group()
+    _GENERATION[0] += 1
+    dist.init_process_group(backend, store=dist.PrefixStore(f"reformed{_GENERATION[0]}/", store), rank=r,
+                            world_size=w, timeout=COLLECTIVE_TIMEOUT)
+    log.info("process group re-formed after a failed trial (generation %d)", _GENERATION[0])
+
 
 
 def cleanup_distributed() -> None:
