@@ -34,7 +34,10 @@ _ALLOWED_GLOBALS = {
     for core in ("numpy.core", "numpy._core")
     for mod, name in ((f"{core}.multiarray", "_reconstruct"), (f"{core}.multiarray", "scalar"),
                       (f"{core}.numeric", "_frombuffer"))
-} | {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+     # protocol-2 pickles written by Python 3 carry array bytes as _codecs.encode(text, "latin1"): it only
+     # turns a string into bytes (torch's weights_only unpickler allows it for the same reason)
+     ("_codecs", "encode")}
 
 
 class RestrictedUnpickler(pickle.Unpickler):

@@ -154,6 +154,15 @@ def _supervised_msra(w: BackboneWeights, name: Optional[str]) -> BackboneWeights
     return w
 
 
+def _manifest_settings(manifest: Dict[str, Any]) -> Dict[str, Any]:
+    try:
+        return {"input_format": manifest["input_format"], "pixel_mean": [float(x) for x in manifest["pixel_mean"]],
+                "pixel_std": [float(x) for x in manifest["pixel_std"]], "stride_in_1x1": bool(manifest["stride_in_1x1"])}
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"manifest without valid input settings ({type(e).__name__}: {e}); expected "
+                              f"{', '.join(SETTINGS)}: re-run tools/convert_to_d2.py") from None
+
+
 def load_weights_file(spec: str, name: Optional[str] = None, arch: Optional[str] = None,
                       encoder: str = "query") -> BackboneWeights:
     """One weights file (see :func:`load_backbone_weights`), with the settings of its manifest or layout."""
@@ -166,6 +175,8 @@ def load_weights_file(spec: str, name: Optional[str] = None, arch: Optional[str]
     if manifest is not None and manifest.get("output_sha256") != sha:
         raise CheckpointError(f"{path}: the manifest beside it describes another file (sha256 differs); "
                               "re-run tools/convert_to_d2.py or remove the stale manifest")
+    if manifest is not None and "layout" in manifest:  # refuse contradicting settings before reading the tensors
+        check_input_settings(_manifest_settings(manifest), manifest["layout"], f"{path} (manifest)")
     backbone, info = extract_backbone(load_checkpoint_file(path), encoder=encoder)
     arch = arch or infer_arch(backbone)
     verify_backbone(backbone, arch)
@@ -176,10 +187,8 @@ def load_weights_file(spec: str, name: Optional[str] = None, arch: Optional[str]
         return BackboneWeights(name=name or _safe_name(f"{weights_stem(path)}-{sha[:8]}"), arch=arch,
                                state_dict=backbone, layout=info["layout"], sha256=sha, source=str(path),
                                **input_settings(info["layout"]))
-    layout = manifest.get("layout", info["layout"])
-    settings = {"input_format": manifest["input_format"], "pixel_mean": [float(x) for x in manifest["pixel_mean"]],
-                "pixel_std": [float(x) for x in manifest["pixel_std"]],
-                "stride_in_1x1": bool(manifest["stride_in_1x1"])}
-    check_input_settings(settings, layout, f"{path} (manifest)")
+    layout, settings = manifest.get("layout", info["layout"]), _manifest_settings(manifest)
+    if "layout" not in manifest:
+        check_input_settings(settings, layout, f"{path} (manifest)")
     return BackboneWeights(name=name or _safe_name(manifest.get("name") or weights_stem(path)), arch=arch,
                            state_dict=backbone, layout=layout, sha256=sha, source=str(path), **settings)
