@@ -82,7 +82,7 @@ def build_report(results_dir: Path, trials: pd.DataFrame, summary: Summary, ref:
     for fam in families:
         fam.figure, fam.figure_notes = delta_figure(summary.stats, [b.task for b in fam.blocks], summary.baseline)
     header = build_header(summary, results_dir, trials["path"].nunique(), problems)
-    return Report(header, families, notes.texts, runs, legend(summary))
+    return Report(header, families, notes.texts, runs, legend(summary), legend(summary, page=False))
 
 
 def write_tables(results_dir: Path, baseline: str | None = None, *, reference: bool = True,

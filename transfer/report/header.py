@@ -27,7 +27,8 @@ class Report:
     families: List[FamilyTable]
     footnotes: List[str]
     runs: List[RunEntry]
-    legend: str
+    legend: str  # how to read a cell on the page
+    legend_md: str  # the same for the Markdown
 
 
 def _join(values) -> str:
@@ -85,13 +86,15 @@ def build_header(summary: Summary, results_dir: Path, n_files: int, problems: Li
     return Header(banner, facts, sorted(set(protocols)), problems)
 
 
-def legend(summary: Summary) -> str:
+def legend(summary: Summary, *, page: bool = True) -> str:
+    """How to read a cell: on the page (Δ on its own line, colours, hover and click) or in Markdown."""
+    where = ("below, Δ to {b} on the same task and protocol, green above and red below it, bold with ↑/↓"
+             if page else "then (Δ to {b} on the same task and protocol, bold with ↑/↓")
+    tail = (" Hover a cell for every trial's value; click it for the trial folders. Published rows (grey, italic)"
+            if page else " Published rows (italic)")
+    tail += " are the source's numbers, never averaged or used for Δ."
     if summary.baseline:
-        return (f"Cells: mean ± sample std (n−1) over trials; below, Δ to {summary.baseline} on the same task and "
-                "protocol, green above and red below it, bold with ↑/↓ when |Δ| > √(std² + std_baseline²) with "
-                "n ≥ 2 on both sides. ± — : a single trial. Hover a cell for every trial's value; click it for "
-                "the trial folders. Published rows (grey, italic) are the source's numbers, never averaged or "
-                "used for Δ.")
-    return ("Cells: mean ± sample std (n−1) over trials; ± — : a single trial. Hover a cell for every trial's "
-            "value; click it for the trial folders. Published rows (grey, italic) are the source's numbers.")
-
+        return (f"Cells: mean ± sample std (n−1) over trials; {where.format(b=summary.baseline)} when "
+                f"|Δ| > √(std² + std_baseline²) with n ≥ 2 on both sides{'' if page else ')'}. ± — : a single "
+                f"trial.{tail}")
+    return f"Cells: mean ± sample std (n−1) over trials; ± — : a single trial.{tail}"

@@ -126,7 +126,7 @@ def to_markdown(report: Report) -> str:
             "|---|---|---|---|---|"]
     out += ["| " + " | ".join(_md(x) for x in p) + " |" for p in h.protocols] + [""]
     out += [f"- {p}" for p in h.problems] + ([""] if h.problems else [])
-    out += [report.legend, ""]
+    out += [report.legend_md, ""]
     for fam in report.families:
         out += [f"## {fam.title}", ""]
         for b in fam.blocks:
