@@ -4,7 +4,10 @@
         [--engine auto|torchvision|detectron2] [--preset full|smoke] [--data-root DIR] [--output DIR]
         [--seed S] [--device auto|cpu|cuda|cuda:N] [key=value ...] [task.key=value ...]
 
-W: a converter output, a raw pretraining checkpoint, a torchvision state dict, or ``random``.
+W: a converter output, a raw pretraining checkpoint, a torchvision state dict, an MSRA caffe2 .pkl, ``random``,
+or a supervised counterpart by name: ``supervised`` (= ``supervised_tv``: torchvision's IMAGENET1K_V1 ResNet of
+``--arch``, from the torch hub cache or downloaded; ``supervised_tv=FILE`` offline) or
+``supervised_msra=R-50.pkl`` (Detectron2's MSRA caffe2 ResNet: BGR, std 1, stride in the 1x1 conv).
 ``key=value`` overrides go to every selected task whose config has that key; ``task.key=value`` to that
 task only (``voc07_det.solver.iterations=100``); an override no selected task accepts is an error.
 Several GPUs / nodes: ``torchrun --nproc_per_node=8 transfer/run_all.py ...`` (nothing is rescaled:
@@ -48,7 +51,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="transfer/run_all.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="checkpoint / converter output / torchvision file, or 'random'")
+    p.add_argument("--weights", required=True,
+                   help="checkpoint / converter output / torchvision or caffe2 file, 'random', 'supervised' "
+                        "(= supervised_tv), 'supervised_tv=FILE' or 'supervised_msra=FILE'")
     p.add_argument("--name", default=None, help="weights name used in results/ (default: from the weights)")
     p.add_argument("--arch", default=None, help="ResNet depth when it cannot be inferred (e.g. with 'random')")
     p.add_argument("--encoder", default="query", choices=("query", "key"), help="which MoCo encoder to transfer")
