@@ -115,7 +115,9 @@ def build_train_aug(data_root: Path, sbd_dir: Path, expected: int = TRAIN_AUG_SI
                               f"and SBD lists ({seg}, {sbd})")
     out = root / "SegmentationClassAug"
     out.mkdir(parents=True, exist_ok=True)
-    for image_id in sorted(set(sbd_ids)):
+    from tqdm import tqdm
+
+    for image_id in tqdm(sorted(set(sbd_ids)), desc="SBD masks", dynamic_ncols=True):
         Image.fromarray(read_sbd_mask(sbd / "cls" / f"{image_id}.mat")).save(out / f"{image_id}.png")
     (seg / "train_aug.txt").write_text("\n".join(train_aug) + "\n")
     return seg / "train_aug.txt"

@@ -10,7 +10,8 @@ dilation 2 in its 3x3 convolution(s) and the first block's stride becomes 1 (als
 torchvision's ``replace_stride_with_dilation`` is not used: it keeps the first dilated block at the previous
 dilation (1). Logits are upsampled bilinearly to the input size (the paper does not say how; bilinear is
 Detectron2's and torchvision's choice). BN everywhere is plain ``nn.BatchNorm2d`` in training mode; the engine
-synchronises it across processes (``detection/sync_bn.py``).
+synchronises it across processes (``detection/sync_bn.py``): Detectron2's naive sync on CPU, torch's SyncBatchNorm
+on CUDA, which compute the same statistics here (every process has the same number of equal-size crops).
 """
 from __future__ import annotations
 
