@@ -96,7 +96,8 @@ def test_single_trial_has_no_std_and_no_mark(tmp_path: Path):
     for k in range(3):
         write_trial(tmp_path, "moco", "voc07_det", k, dict(zip(VOC, (80.0 + k, 50.0, 50.0))))
     summary = summarise(load_results(tmp_path)[0])
-    base, moco = _stat(summary, "supervised", "AP50", task="voc07_det"), _stat(summary, "moco", "AP50", task="voc07_det")
+    base = _stat(summary, "supervised", "AP50", task="voc07_det")
+    moco = _stat(summary, "moco", "AP50", task="voc07_det")
     assert base["n"] == 1 and pd.isna(base["std"])
     assert moco["delta"] == pytest.approx(11.0) and not moco["significant"]  # baseline n=1: never marked
     md = (write_tables(tmp_path)["md"]).read_text()

@@ -12,7 +12,6 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pandas as pd
-import pytest
 from PIL import Image
 from test_report import write_trial  # noqa: E402  (tests/transfer is on sys.path under pytest)
 

@@ -92,7 +92,8 @@ def _panel(ax, t: pd.DataFrame, task: str, baseline: str) -> None:
               ncol=min(6, len(handles)), frameon=False)
 
 
-def delta_figure(stats: pd.DataFrame, tasks: Sequence[str], baseline: Optional[str]) -> Tuple[Optional[bytes], List[str]]:
+def delta_figure(stats: pd.DataFrame, tasks: Sequence[str],
+                 baseline: Optional[str]) -> Tuple[Optional[bytes], List[str]]:
     """PNG bytes of the Δ panels of ``tasks`` (None when nothing is drawn) and sentences for the rest.
 
     ``stats`` is ``Summary.stats`` (task, row_label, metric, delta, delta_std, significant).

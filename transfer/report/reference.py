@@ -3,7 +3,8 @@
 The data live in ``results/reference/moco_published.csv`` (one number a row, with its source; see
 ``results/reference/README.md``). Which rows stand for a task is part of the task's spec
 (``TaskSpec.published`` in ``transfer/tasks/``): only rows produced with the protocol that task implements
-(e.g. VOC07+12 with Faster R-CNN **C4**, not the dilated-C5 variant, which this suite does not build). Published rows are shown beside measured ones and never enter a mean or a delta.
+(e.g. VOC07+12 with Faster R-CNN **C4**, not the dilated-C5 variant, which this suite does not build).
+Published rows are shown beside measured ones and never enter a mean or a delta.
 """
 from __future__ import annotations
 

@@ -223,8 +223,9 @@ def _html_runs(report: Report) -> List[str]:
             values = ", ".join(f"{m} {v:.2f}" for m, v in t["values"].items()) or str(t["error"])
             files = " ".join(f'<a href="{_href(t["folder"] + "/" + f)}">{f}</a>' for f in t["files"])
             folder = f'<a href="{_href(t["folder"])}/">folder</a> '
-            out.append(f'<tr class="{escape(str(t["status"]))}">{head}<td class="k">{t["trial"]}</td>'
-                       f'<td class="k">{escape(str(t["status"]))}</td><td>{escape(values)}</td><td>{folder}{files}</td></tr>')
+            status = escape(str(t["status"]))
+            out.append(f'<tr class="{status}">{head}<td class="k">{t["trial"]}</td><td class="k">{status}</td>'
+                       f"<td>{escape(values)}</td><td>{folder}{files}</td></tr>")
     return out + ["</tbody></table></section>"]
 
 
