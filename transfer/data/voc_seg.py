@@ -103,7 +103,8 @@ def build_train_aug(data_root: Path, sbd_dir: Path, expected: int = TRAIN_AUG_SI
 
     def ids(path: Path) -> List[str]:
         if not path.is_file():
-            raise VOCSegDataError(f"{path} not found; {EXPECTED_LAYOUT}; SBD: <sbd>/{{cls/<id>.mat, train.txt, val.txt}}")
+            raise VOCSegDataError(f"{path} not found; {EXPECTED_LAYOUT}; "
+                                  "SBD: <sbd>/{cls/<id>.mat, train.txt, val.txt}")
         return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
     seg = root / "ImageSets" / "Segmentation"
