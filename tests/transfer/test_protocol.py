@@ -14,15 +14,23 @@ from transfer.runner import config_path, route_overrides
 load_builtin_tasks()
 
 # further shrinks of each task's smoke preset, so that every registered task runs in a few seconds
-TINY = {
-    "detection": ["solver.iterations=2", "solver.batch_size=2", "precise_bn.num_iters=1", "input.min_size_train=[64]",
+DETECTION_TINY = ["solver.iterations=2", "solver.batch_size=2", "precise_bn.num_iters=1", "input.min_size_train=[64]",
                   "input.min_size_test=64", "input.max_size_train=96", "input.max_size_test=96",
                   "model.rpn_post_nms_topk_train=16", "model.rpn_post_nms_topk_test=8",
-                  "model.roi_batch_size_per_image=8"],
+                  "model.roi_batch_size_per_image=8"]
+TINY = {
+    "detection": DETECTION_TINY,
     "imagenet_linear": ["optim.epochs=1", "optim.lr_steps=[]"],
     "imagenet_linear_fast": ["probe.max_iter=3"],
+    # COCO: the detection shrink, fewer detections per test image and narrow heads (mask / keypoint / box FC)
+    "instance_segmentation": [*DETECTION_TINY, "model.test_detections_per_img=5", "mask.conv_dim=16"],
+    "keypoints": [*DETECTION_TINY, "model.test_detections_per_img=5", "keypoint.conv_dims=[16,16]",
+                  "model.box_fc_dim=32"],
     "semantic_segmentation": ["solver.iterations=2", "solver.batch_size=2", "solver.steps=[1]", "input.crop_size=32"],
 }
+# LVIS keeps 300 detections at score 1e-4 (mask pasting dominates an untrained model's evaluation)
+for _t in ("lvis_v0.5_1x", "lvis_v0.5_2x", "cityscapes_instseg"):
+    TINY[_t] = TINY["detection"] + ["model.test_detections_per_img=10"]
 
 
 def _tiny(task: str) -> list:

@@ -49,6 +49,15 @@ def evaluate_coco(model: torch.nn.Module, records: list, meta: dict, iou_types, 
     return evaluator.evaluate()
 
 
+def build_coco_model(cfg, weights: BackboneWeights, num_classes: int) -> torch.nn.Module:
+    """The task's model: Mask R-CNN C4 (:class:`COCOC4Config`), Mask R-CNN FPN (:class:`COCOFPNConfig`) or
+    Keypoint R-CNN FPN (:class:`COCOKeypointConfig`), with ``num_classes`` foreground classes."""
+    if isinstance(cfg, COCOC4Config):
+        return build_faster_rcnn_c4(weights, num_classes, cfg.model, cfg.input, mask_cfg=cfg.mask)
+    return build_rcnn_fpn(weights, num_classes, cfg.model, cfg.input, mask_cfg=getattr(cfg, "mask", None),
+                          keypoint_cfg=getattr(cfg, "keypoint", None))
+
+
 def _run_coco(cfg, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     eff = effective(cfg, ctx.world_size)
     torch.manual_seed(ctx.seed + ctx.rank)
@@ -71,11 +80,7 @@ def _run_coco(cfg, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, flo
             raise ValueError(f"keypoint.num_keypoints={kp_cfg.num_keypoints} but {train_json} has {len(flip)}")
     dataset = COCOInstances(train, weights.input_format, hflip_prob=cfg.input.hflip_prob,
                             with_masks=hasattr(cfg, "mask"), keypoint_flip_indices=flip)
-    if isinstance(cfg, COCOC4Config):
-        model = build_faster_rcnn_c4(weights, num_classes, cfg.model, cfg.input, mask_cfg=cfg.mask)
-    else:
-        model = build_rcnn_fpn(weights, num_classes, cfg.model, cfg.input, mask_cfg=getattr(cfg, "mask", None),
-                               keypoint_cfg=kp_cfg)
+    model = build_coco_model(cfg, weights, num_classes)
     model, losses = fit_detector(model, dataset, collate_coco, orientation_groups(train), cfg, ctx,
                                  eff["batch_per_process"])
     iou_types = ("bbox", "keypoints") if keypoints else ("bbox", "segm")
