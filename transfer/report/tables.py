@@ -141,9 +141,9 @@ def _value_cell(s: pd.Series, href: str) -> Cell:
 
 
 def _measured_rows(summary: Summary, task: str, groups: pd.DataFrame, weights: List[str], columns: List[str],
-                   notes: Footnotes, run_ids: Dict[Tuple[str, str], str]) -> List[Row]:
+                   notes: Footnotes, run_ids: Dict[Tuple[str, str, str], str]) -> List[Row]:
     """The block's measured rows: every weights name of the family, its engines/protocols side by side."""
-    stats = summary.stats[summary.stats["task"] == task].set_index(["row_label", "metric"])
+    stats = summary.stats[summary.stats["task"] == task].set_index(["weights", "protocol", "metric"])
     g_task = groups[groups["task"] == task]
     expected = g_task.groupby("protocol")["n_total"].max().to_dict()  # the most trials any row ran
     several_engines = g_task["engine"].nunique() > 1
@@ -170,15 +170,15 @@ def _measured_rows(summary: Summary, task: str, groups: pd.DataFrame, weights: L
             for trial, err in g.errors:
                 first = err.strip().splitlines()[0] if err.strip() else "no error message"
                 row_notes.append(notes.add(f"{task} / {name} trial {trial} failed: {first[:300]}"))
-            run_id = run_ids[(task, g.row_label)]
+            run_id = run_ids[(task, name, g.protocol)]
             cells = {}
             for m in columns:
                 if g.n_ok == 0:
                     errs = "; ".join(f"trial {t}: {e.strip().splitlines()[0][:120] if e.strip() else '?'}"
                                      for t, e in g.errors)
                     cells[m] = Cell("failed", "failed", f"{g.n_failed}/{g.n_total}", tip=errs, href=f"#{run_id}")
-                elif (g.row_label, m) in stats.index:
-                    cells[m] = _value_cell(stats.loc[(g.row_label, m)], f"#{run_id}")
+                elif (name, g.protocol, m) in stats.index:
+                    cells[m] = _value_cell(stats.loc[(name, g.protocol, m)], f"#{run_id}")
                 else:
                     cells[m] = Cell("missing", "missing", tip=f"{name} reported no {m}", href=f"#{run_id}")
             missing = expected[g.protocol] - g.n_total
@@ -218,10 +218,10 @@ def _block_protocol(summary: Summary, task: str, groups: pd.DataFrame) -> str:
 
 
 def build_tables(summary: Summary, ref: Optional[pd.DataFrame], notes: Footnotes,
-                 run_ids: Dict[Tuple[str, str], str], family_titles: Dict[str, str]) -> List[FamilyTable]:
+                 run_ids: Dict[Tuple[str, str, str], str], family_titles: Dict[str, str]) -> List[FamilyTable]:
     """One ``FamilyTable`` per task family found in the results, each with one block per task.
 
-    ``run_ids`` maps (task, row_label) to the anchor of that row's entry in the run list.
+    ``run_ids`` maps (task, weights, protocol) to the anchor of that row's entry in the run list.
     """
     load_builtin_tasks()
     groups = summary.groups
@@ -262,14 +262,14 @@ def build_tables(summary: Summary, ref: Optional[pd.DataFrame], notes: Footnotes
 
 
 def run_entries(summary: Summary, trials: pd.DataFrame, results_dir: Path,
-                run_files: Tuple[str, ...]) -> Tuple[List[RunEntry], Dict[Tuple[str, str], str]]:
+                run_files: Tuple[str, ...]) -> Tuple[List[RunEntry], Dict[Tuple[str, str, str], str]]:
     """The report's run list: one entry per table row (weights, task, protocol), one line per trial with
     the ``run_files`` its folder holds (only those that exist, so every link resolves)."""
     entries, ids = [], {}
     groups = summary.groups.sort_values(["task", "weights", "engine", "variant"], kind="stable")
     for i, g in enumerate(groups.itertuples(index=False)):
         run_id = f"run-{i + 1}"
-        ids[(g.task, g.row_label)] = run_id
+        ids[(g.task, g.weights, g.protocol)] = run_id
         mine = trials[(trials["task"] == g.task) & (trials["weights"] == g.weights)]
         lines = []
         errors = dict(g.errors)
