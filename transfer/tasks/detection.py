@@ -75,6 +75,9 @@ class FPNConfig:
     """R50-FPN R-CNN: Detectron2's ``Base-RCNN-FPN.yaml`` with MoCo's norm policy (issue #34: BN trained and
     synchronised in backbone and FPN only; heads without norm). Names follow Detectron2's keys, lower case."""
     out_channels: int = 256  # FPN.OUT_CHANNELS
+    # RESNETS.NORM: "SyncBN" (trained, synchronised: MoCo's rows) or "FrozenBN" (statistics and affine fixed at
+    # the pretrained values, all else trained: the supervised LVIS row of MoCo Table 6, its dagger)
+    backbone_norm: str = "SyncBN"
     fpn_norm: str = "SyncBN"  # FPN.NORM: "SyncBN" (BN synchronised over processes, plain BN on one) or ""
     # one anchor size per level p2..p6 (ANCHOR_GENERATOR.SIZES), three ratios on every level
     anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])

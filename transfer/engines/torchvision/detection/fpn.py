@@ -28,6 +28,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from transfer.engines.torchvision.backbone import (build_backbone_resnet, check_stride_placement, load_exact,
                                                    remap_resnet_keys)
@@ -40,6 +41,7 @@ from transfer.weights.resolve import BackboneWeights
 FPN_KEY_MAP = {name: f"backbone.body.{name}" for name in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")}
 FPN_NEW_PREFIXES = ("backbone.fpn.", "rpn.", "roi_heads.")
 FPN_NORMS = ("SyncBN", "")  # FPN.NORM: BN synchronised like the backbone's (plain BN on one process), or none
+BACKBONE_NORMS = ("SyncBN", "FrozenBN")  # RESNETS.NORM: trained (synchronised) BN, or frozen at the weights' values
 
 
 class FCBoxHead(nn.Sequential):
@@ -80,6 +82,8 @@ def build_rcnn_fpn(weights: BackboneWeights, num_classes: int, model_cfg: Option
     mc, ic = model_cfg or FPNConfig(), input_cfg or InputConfig()
     if mc.fpn_norm not in FPN_NORMS:
         raise ValueError(f"model.fpn_norm must be one of {FPN_NORMS}, got {mc.fpn_norm!r}")
+    if mc.backbone_norm not in BACKBONE_NORMS:
+        raise ValueError(f"model.backbone_norm must be one of {BACKBONE_NORMS}, got {mc.backbone_norm!r}")
     resnet = build_backbone_resnet(weights)
     backbone = BackboneWithFPN(resnet, {f"layer{i}": str(i - 1) for i in (1, 2, 3, 4)}, _stage_channels(resnet),
                                mc.out_channels, extra_blocks=LastLevelMaxPool(),
@@ -118,7 +122,24 @@ def build_rcnn_fpn(weights: BackboneWeights, num_classes: int, model_cfg: Option
     transform = DetectionTransform(ic, [m / 255.0 for m in weights.pixel_mean], [s / 255.0 for s in weights.pixel_std])
     model = GeneralizedRCNN(backbone, rpn, roi_heads, transform)
     load_fpn_weights(model, weights)
+    if mc.backbone_norm == "FrozenBN":
+        freeze_bn(model.backbone.body)
     return model
+
+
+def freeze_bn(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d`` below ``module`` by a ``FrozenBatchNorm2d`` with its current affine and
+    running statistics, in place (Detectron2's ``FrozenBatchNorm2d.convert_frozen_batchnorm``): y = (x - mean)
+    / sqrt(var + eps) * weight + bias with nothing trained or updated, in training and at test."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            freeze_bn(child)
+    return module
 
 
 def fpn_new_keys(model: nn.Module) -> set:

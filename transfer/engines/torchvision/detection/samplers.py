@@ -43,9 +43,11 @@ class GroupedBatchSampler(Sampler):
 
 
 def infinite_loader(dataset: Dataset, batch_per_process: int, seed: int, num_workers: int,
-                    collate_fn: Callable, groups: Optional[Sequence[int]] = None) -> Iterator:
-    """Endless iterator of this process's batches, grouped by ``groups`` (e.g. orientation) when given."""
-    sampler = InfiniteSampler(len(dataset), seed)
+                    collate_fn: Callable, groups: Optional[Sequence[int]] = None,
+                    sampler: Optional[Sampler] = None) -> Iterator:
+    """Endless iterator of this process's batches, grouped by ``groups`` (e.g. orientation) when given;
+    indices from ``sampler`` (an endless one, e.g. repeat-factor sampling) or an :class:`InfiniteSampler`."""
+    sampler = sampler if sampler is not None else InfiniteSampler(len(dataset), seed)
     if groups is None:
         groups = [0] * len(dataset)
     return iter(DataLoader(dataset, batch_sampler=GroupedBatchSampler(sampler, groups, batch_per_process),

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from pretrain.schedule import warmup_multistep_lr
 from transfer.context import TrialContext
@@ -37,8 +37,12 @@ def orientation_groups(records: Sequence[dict]) -> list:
 
 
 def fit_detector(model: nn.Module, dataset: Dataset, collate_fn: Callable, groups: Sequence[int], cfg: Any,
-                 ctx: TrialContext, batch_per_process: int) -> Tuple[nn.Module, Dict[str, float]]:
+                 ctx: TrialContext, batch_per_process: int,
+                 sampler: Optional[Sampler] = None) -> Tuple[nn.Module, Dict[str, float]]:
     """Train ``model`` for ``cfg.solver.iterations`` on ``dataset`` and recompute its BN statistics.
+
+    ``sampler``: endless training indices for this process (default: Detectron2's TrainingSampler;
+    LVIS passes its repeat-factor sampler).
 
     ``cfg`` has ``solver`` (SolverConfig), ``precise_bn``, ``precision``, ``data.num_workers`` and
     ``log_period``. Returns the model as trained (DDP-wrapped on several processes) and the last losses.
@@ -52,7 +56,7 @@ def fit_detector(model: nn.Module, dataset: Dataset, collate_fn: Callable, group
                     warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor)
     step = partial(train_step, device=ctx.device)
     batches = infinite_loader(dataset, batch_per_process, ctx.seed, cfg.data.num_workers, collate_fn,
-                              groups=groups)
+                              groups=groups, sampler=sampler)
     losses = loop.train_loop(model, batches, optimizer, lr_at, s.iterations, step,
                              tb_dir=ctx.output_dir / "tensorboard", log_period=cfg.log_period,
                              amp_bf16=cfg.precision.amp_bf16)
