@@ -28,9 +28,6 @@ TINY = {
                   "model.box_fc_dim=32"],
     "semantic_segmentation": ["solver.iterations=2", "solver.batch_size=2", "solver.steps=[1]", "input.crop_size=32"],
 }
-# LVIS keeps 300 detections at score 1e-4 (mask pasting dominates an untrained model's evaluation)
-for _t in ("lvis_v0.5_1x", "lvis_v0.5_2x", "cityscapes_instseg"):
-    TINY[_t] = TINY["detection"] + ["model.test_detections_per_img=10"]
 
 
 def _tiny(task: str) -> list:
