@@ -149,3 +149,26 @@ def test_wrong_depth_exit_code_via_subprocess(moco_ckpt, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "does not match resnet50" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_supervised_by_name_from_the_hub_cache_or_one_line_error(tool, resnet18, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+
+    def no_network(url, dst, hash_prefix=None, progress=True):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    out = tmp_path / "sup.pkl"
+    assert tool.main(["supervised", str(out), "--arch", "resnet18"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "https://download.pytorch.org/models/resnet18-f37072fd.pth" in err
+    assert str(tmp_path / "th" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in err and not out.exists()
+    cached = tmp_path / "th" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True, exist_ok=True)  # the failed download made the folder
+    torch.save(resnet18.state_dict(), cached)
+    assert tool.main(["supervised_tv", str(out)]) == 1  # --arch defaults to resnet50: not cached
+    assert tool.main(["supervised", str(out), "--arch", "resnet18"]) == 0
+    m = json.loads((tmp_path / "sup.pkl.manifest.json").read_text())
+    assert (m["kind"], m["layout"], m["input"], m["stride_in_1x1"]) == ("supervised_tv", "torchvision", str(cached), False)
+    assert tool.main([f"supervised_msra={cached}", str(tmp_path / "x.pkl")]) == 1
+    assert "is not an MSRA caffe2 ResNet" in capsys.readouterr().err and not (tmp_path / "x.pkl").exists()

@@ -11,7 +11,8 @@ import torchvision
 from torch import nn
 
 from transfer.weights.files import convert_file, load_checkpoint_file, load_pickle
-from transfer.weights.conversion import (ARCHS, ConversionError, d2_to_tv_name, detect_layout, expected_shapes,
+from transfer.weights.conversion import (ARCHS, ConversionError, c2_to_tv_name, d2_to_tv_name, detect_layout,
+                                 expected_shapes,
                                  extract_backbone, infer_arch, to_detectron2, to_torchvision, tv_to_d2_name,
                                  verify_backbone)
 
@@ -235,3 +236,49 @@ def test_resnet50_detectron2_c4_backbone(resnet50_moco, tmp_path):
     with torch.no_grad():
         ref = q.layer3(q.layer2(q.layer1(q.maxpool(q.relu(q.bn1(q.conv1(x)))))))
         torch.testing.assert_close(backbone(x)["res4"], ref, rtol=1e-4, atol=1e-4)
+
+
+def ref_c2_name(tv: str) -> str:
+    """The caffe2 (MSRA) blob name of a torchvision backbone tensor, written from the blob names listed in
+    Detectron2's c2_model_loading.py: branch2a/b/c are conv1/2/3, branch1 the shortcut, BN as _bn_{s,b,rm,riv}."""
+    bn = {"weight": "s", "bias": "b", "running_mean": "rm", "running_var": "riv"}
+    p = tv.split(".")
+    if p[0] == "conv1":
+        return "conv1_w"
+    if p[0] == "bn1":
+        return f"res_conv1_bn_{bn[p[1]]}"
+    block = f"res{int(p[0][-1]) + 1}_{p[1]}_"
+    if p[2] == "downsample":
+        return block + ("branch1_w" if p[3] == "0" else f"branch1_bn_{bn[p[4]]}")
+    branch = "branch2" + "abc"[int(p[2][-1]) - 1]
+    return block + branch + ("_w" if p[2].startswith("conv") else f"_bn_{bn[p[3]]}")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_caffe2_names_convert_to_torchvision_names(arch):
+    shapes = expected_shapes(arch)
+    for name in shapes:
+        assert c2_to_tv_name(ref_c2_name(name)) == name
+    for other in ("fc1000_w", "res2_0_branch2a_w_momentum", "res2_0_branch2d_w", "res6_0_branch1_w", "conv1_b"):
+        assert c2_to_tv_name(other) is None
+
+
+def test_flat_caffe2_dict_converts_with_folded_bn(tmp_path):
+    """An ImageNet caffe2 file is a flat dict of blobs (detection ones nest under ``blobs``); BN as scale/bias."""
+    r18 = random_resnet("resnet18", 3)
+    sd = r18.state_dict()
+    blobs = {ref_c2_name(k): v.numpy() for k, v in sd.items()
+             if not k.startswith("fc.") and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    blobs.update({"fc1000_w": np.zeros((1000, 512), np.float32), "fc1000_b": np.zeros(1000, np.float32)})
+    assert detect_layout(blobs) == "msra_caffe2" == detect_layout({"blobs": blobs})
+    backbone, info = extract_backbone(blobs)
+    verify_backbone(backbone, "resnet18")
+    assert info["filled_bn_stats"] == 2 * sum(1 for k in backbone if k.endswith("running_mean"))
+    assert info["dropped"] == {"fc1000": 2}
+    # eval-mode BN with the filled statistics is exactly the caffe2 affine x * s + b
+    bn = nn.BatchNorm2d(64).eval()
+    bn.load_state_dict({k[len("layer1.0.bn2."):]: v for k, v in backbone.items() if k.startswith("layer1.0.bn2.")},
+                       strict=False)
+    x = torch.randn(2, 64, 3, 3)
+    s, b = torch.from_numpy(blobs["res2_0_branch2b_bn_s"]), torch.from_numpy(blobs["res2_0_branch2b_bn_b"])
+    torch.testing.assert_close(bn(x), x * s[:, None, None] + b[:, None, None])

@@ -197,7 +197,7 @@ def test_mismatched_settings_are_refused(msra, tmp_path):
     manifest_path(tmp_path / "w.pkl").write_text(json.dumps(m))
     with pytest.raises(ConversionError, match="msra_caffe2 but their input settings say input_format RGB"):
         load_backbone_weights(str(tmp_path / "w.pkl"))
-    with pytest.raises(ConversionError, match="use --weights supervised_msra="):
+    with pytest.raises(ConversionError, match="not torchvision.s: use supervised_msra="):
         load_backbone_weights(f"supervised_tv={d / 'R-50.pkl'}")
     tv = tmp_path / "tv.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tv)

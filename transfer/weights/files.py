@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from pretrain.utils.io import CheckpointError, atomic_path, safe_torch_load, sha256_file
+from transfer.weights import supervised
 from transfer.weights.conversion import (CAFFE2_LAYOUTS, extract_backbone, infer_arch, input_settings, to_detectron2,
                                          to_torchvision, verify_backbone)
 
@@ -138,9 +139,16 @@ def convert_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 
     fmt: ``detectron2`` (a ``.pkl`` of ``{"model": {d2 name: ndarray}, "__author__", "matching_heuristics"}``,
     what Detectron2's checkpointer reads) or ``torchvision`` (a state dict without ``fc``); by default
-    taken from the output suffix. Raises ConversionError / CheckpointError and writes nothing on failure.
+    taken from the output suffix. ``input_path`` may also name a supervised counterpart: ``supervised`` /
+    ``supervised_tv[=FILE]`` (torchvision's ImageNet weights, from the torch hub cache or downloaded) or
+    ``supervised_msra=FILE``; the manifest then records ``kind``. Raises ConversionError / CheckpointError
+    and writes nothing on failure.
     """
-    input_path, output_path = Path(input_path), Path(output_path)
+    kind, spec_path = supervised.parse_spec(str(input_path))
+    if kind == "random":
+        raise ValueError("'random' has no weights to convert")
+    input_path = supervised.source_file(kind, spec_path, arch) if kind != "file" else Path(input_path)
+    output_path = Path(output_path)
     is_pkl = output_path.suffix in (".pkl", ".pickle")
     fmt = fmt or ("detectron2" if is_pkl else "torchvision")
     if fmt not in FORMATS:
@@ -149,12 +157,14 @@ def convert_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         raise ValueError(f"output {output_path.name}: use a .pkl name for detectron2 format and .pth for torchvision")
     checkpoint = load_checkpoint_file(input_path)
     backbone, info = extract_backbone(checkpoint, encoder=encoder)
+    if kind != "file":
+        supervised.check_layout(kind, info["layout"], str(input_path))
     arch = arch or infer_arch(backbone)
     verify_backbone(backbone, arch)
     manifest = {
         "name": weights_stem(output_path), "format": fmt, "arch": arch, "num_tensors": len(backbone),
         "input": str(input_path), "input_sha256": sha256_file(input_path), "layout": info["layout"],
-        "encoder": encoder, "prefix": info["prefix"], "nested_under": info["nested_under"],
+        "kind": "checkpoint" if kind == "file" else kind, "encoder": encoder, "prefix": info["prefix"], "nested_under": info["nested_under"],
         "dropped": info["dropped"], "filled_bn_stats": info["filled_bn_stats"], **input_settings(info["layout"]),
         "detectron2_overlay": detectron2_overlay(arch, info["layout"]), "note": _NOTES[info["layout"] in CAFFE2_LAYOUTS],
         "converter": AUTHOR, "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -179,5 +189,7 @@ def format_report(manifest: Dict[str, Any], output_path: str | os.PathLike) -> s
     dropped = manifest["dropped"]
     lines.append(f"dropped {sum(dropped.values())} entries:" if dropped else "dropped nothing")
     lines += [f"  {group}: {n}" for group, n in dropped.items()]
+    lines.append(f"input settings: {manifest['input_format']}, pixel mean {manifest['pixel_mean']}, std "
+                 f"{manifest['pixel_std']}, STRIDE_IN_1X1 {manifest['stride_in_1x1']}")
     lines.append(f"manifest: {manifest_path(output_path)}")
     return "\n".join(lines)

@@ -110,16 +110,13 @@ def load_backbone_weights(spec: str, name: Optional[str] = None, arch: Optional[
         if arch not in ARCHS:
             raise ConversionError(f"unknown arch {arch!r}; known: {sorted(ARCHS)}")
         return BackboneWeights(name=name or ("random" if arch == "resnet50" else f"random-{arch}"), arch=arch,
-                               state_dict=None, layout="random", kind="random", description="random init")
-    if kind == "supervised_tv":
-        if path is None:
-            path = str(supervised.torchvision_file(arch or "resnet50"))
-        return _supervised_tv(load_weights_file(path, name, arch, encoder), name)
-    if kind == "supervised_msra":
-        if path is None:
-            raise supervised.msra_missing_file(arch or "resnet50")
-        return _supervised_msra(load_weights_file(path, name, arch, encoder), name)
-    return load_weights_file(path, name, arch, encoder)
+                               state_dict=None, layout="random", kind="random",
+                               description=supervised.describe("random", arch, "random"))
+    if kind == "file":
+        return load_weights_file(path, name, arch, encoder)
+    w = load_weights_file(str(supervised.source_file(kind, path, arch)), name, arch, encoder)
+    supervised.check_layout(kind, w.layout, w.source)
+    return _supervised_tv(w, name) if kind == "supervised_tv" else _supervised_msra(w, name)
 
 
 def _suffix(arch: str) -> str:
@@ -127,30 +124,21 @@ def _suffix(arch: str) -> str:
 
 
 def _supervised_tv(w: BackboneWeights, name: Optional[str]) -> BackboneWeights:
-    if w.layout in CAFFE2_LAYOUTS:
-        raise ConversionError(f"{w.source} holds MSRA caffe2 weights ({w.layout}), not torchvision's: "
-                              f"use --weights supervised_msra={w.source}")
     entry = supervised.torchvision_entry(w.arch)
-    published = w.sha256.startswith(supervised.hash_prefix(entry.url) or "-")
+    published = supervised.is_published(w.arch, w.sha256)
     if not published:
         logger.warning("%s is not the file torchvision publishes for %s %s (%s; its SHA-256 starts with %s, "
                        "not %s): labelled as another supervised model", w.source, w.arch,
                        supervised.TORCHVISION_WEIGHTS, entry.url, w.sha256[:8], supervised.hash_prefix(entry.url))
     w.kind = "supervised_tv"
     w.name = name or ("supervised" + _suffix(w.arch) if published else _safe_name(f"supervised_tv-{w.name}"))
-    w.description = (f"supervised IN-1M: torchvision {w.arch} {supervised.TORCHVISION_WEIGHTS}" if published
-                     else f"supervised: torchvision-layout {w.arch} from {Path(w.source).name}")
+    w.description = supervised.describe(w.kind, w.arch, w.layout, w.sha256)
     return w
 
 
 def _supervised_msra(w: BackboneWeights, name: Optional[str]) -> BackboneWeights:
-    if w.layout not in CAFFE2_LAYOUTS:
-        raise ConversionError(
-            f"{w.source} is not an MSRA caffe2 ResNet (its layout is {w.layout}; expected caffe2 names such as "
-            f"res2_0_branch2a_w, or a converter output of such a file): use --weights supervised_tv={w.source} "
-            "for torchvision weights")
     w.kind, w.name = "supervised_msra", name or "supervised_msra" + _suffix(w.arch)
-    w.description = f"supervised IN-1M: MSRA caffe2 {w.arch} (Detectron2 ImageNetPretrained/MSRA)"
+    w.description = supervised.describe(w.kind, w.arch, w.layout)
     return w
 
 
@@ -186,9 +174,14 @@ def load_weights_file(spec: str, name: Optional[str] = None, arch: Optional[str]
                            "(RGB, ImageNet mean/std, STRIDE_IN_1X1 False)", path)
         return BackboneWeights(name=name or _safe_name(f"{weights_stem(path)}-{sha[:8]}"), arch=arch,
                                state_dict=backbone, layout=info["layout"], sha256=sha, source=str(path),
+                               description=supervised.describe("checkpoint", arch, info["layout"]),
                                **input_settings(info["layout"]))
     layout, settings = manifest.get("layout", info["layout"]), _manifest_settings(manifest)
     if "layout" not in manifest:
         check_input_settings(settings, layout, f"{path} (manifest)")
+    # a converted supervised counterpart keeps its kind (the manifest's input is the original file)
+    kind = manifest.get("kind", "checkpoint")
     return BackboneWeights(name=name or _safe_name(manifest.get("name") or weights_stem(path)), arch=arch,
-                           state_dict=backbone, layout=layout, sha256=sha, source=str(path), **settings)
+                           state_dict=backbone, layout=layout, sha256=sha, source=str(path), kind=kind,
+                           description=supervised.describe(kind, arch, layout, manifest.get("input_sha256", "")),
+                           **settings)

@@ -24,6 +24,7 @@ import torchvision
 
 from pretrain.utils import dist
 from pretrain.utils.io import CheckpointError
+from transfer.weights.conversion import CAFFE2_LAYOUTS, ConversionError
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +97,43 @@ def msra_missing_file(arch: str) -> CheckpointError:
     return CheckpointError(
         f"--weights supervised_msra needs the MSRA caffe2 file: download {MSRA_URL.format(depth=depth)} "
         f"and pass --weights supervised_msra=/path/to/R-{depth}.pkl")
+
+
+def source_file(kind: str, path: Optional[str], arch: Optional[str]) -> Path:
+    """The file behind a ``supervised_tv`` / ``supervised_msra`` spec (see :func:`parse_spec`)."""
+    if path is not None:
+        return Path(path)
+    if kind == "supervised_tv":
+        return torchvision_file(arch or "resnet50")
+    raise msra_missing_file(arch or "resnet50")
+
+
+def check_layout(kind: str, layout: str, source: str) -> None:
+    """Refuse a file whose source layout is not the one the name promises (MSRA caffe2 or torchvision-style)."""
+    if kind == "supervised_tv" and layout in CAFFE2_LAYOUTS:
+        raise ConversionError(f"{source} holds MSRA caffe2 weights ({layout}), not torchvision's: "
+                              f"use supervised_msra={source}")
+    if kind == "supervised_msra" and layout not in CAFFE2_LAYOUTS:
+        raise ConversionError(
+            f"{source} is not an MSRA caffe2 ResNet (its layout is {layout}; expected caffe2 names such as "
+            f"res2_0_branch2a_w, or a converter output of such a file): use supervised_tv={source} "
+            "for torchvision weights")
+
+
+def is_published(arch: str, sha256: str) -> bool:
+    """Whether a file with this SHA-256 is the one torchvision publishes as ``arch`` ``IMAGENET1K_V1``."""
+    prefix = hash_prefix(torchvision_entry(arch).url)
+    return bool(prefix) and sha256.startswith(prefix)
+
+
+def describe(kind: str, arch: str, layout: str, sha256: str = "") -> str:
+    """What weights are, for the tables' baseline labels (``weights_info.description`` in metrics.json)."""
+    if kind == "random":
+        return f"random init {arch}"
+    if kind == "supervised_msra":
+        return f"supervised IN-1M: MSRA caffe2 {arch} (Detectron2 ImageNetPretrained/MSRA)"
+    if kind == "supervised_tv":
+        if is_published(arch, sha256):
+            return f"supervised IN-1M: torchvision {arch} {TORCHVISION_WEIGHTS}"
+        return f"supervised: a torchvision-layout {arch}, not the file torchvision publishes"
+    return f"{layout} checkpoint ({arch})"
