@@ -1,11 +1,17 @@
 """MoCo pretraining entry point (one process, or one of many under torchrun / tools/pretrain.sh).
 
     python tools/train_moco.py --config configs/pretrain/moco_v2.yaml [--resume auto] key=value ...
+    python tools/train_moco.py --launcher slurm --nodes 8 --gpus-per-node 8 --partition P --time 4320 \
+        [--account A] [--constraint C] [--dry-run] --config configs/pretrain/moco_v2.yaml key=value ...
+
+With ``--launcher slurm`` one job runs the pretraining (a process per GPU, as torchrun would) and is
+requeued on preemption and time-out with ``--resume auto``; see ``pretrain/utils/slurm.py``.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -14,6 +20,7 @@ from pretrain.main import main
 from pretrain.utils import dist
 from pretrain.utils.config import ConfigError
 from pretrain.utils.io import CheckpointError
+from pretrain.utils.slurm import add_launcher_args, slurm_options, strip_launcher_args, submit
 
 
 @record  # under torchrun: the failing rank's exception goes into torchrun's error summary
@@ -22,10 +29,16 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="YAML under configs/pretrain/")
     p.add_argument("--resume", default=None, help='checkpoint path or "auto" (same as run.resume=...)')
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=0.06 data.workers=4")
+    add_launcher_args(p)
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
     overrides = list(a.overrides) + ([f"run.resume={a.resume}"] if a.resume else [])
     try:
         cfg = load_pretrain_config(a.config, overrides)
+        if a.launcher == "slurm":  # one job; requeued with --resume auto (the last checkpoint in output_dir)
+            submit([("moco_pretrain", strip_launcher_args(argv))], slurm_options(a), Path(cfg.run.output_dir),
+                   str(Path(__file__).resolve()), resume_args=["--resume", "auto"], dry_run=a.dry_run, function="cli")
+            return 0
         main(cfg)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ from typing import List, Optional
 
 from pretrain.utils import dist
 from pretrain.utils.logs import setup_logging
+from pretrain.utils.slurm import add_launcher_args
 
 log = logging.getLogger("transfer.run_all")
 
@@ -67,13 +68,59 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="base seed; trial k uses seed + k")
     p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-report", action="store_true", help="do not write the tables at the end")
+    p.add_argument("--only-trial", type=int, default=None, help="run this trial index only (one job per trial)")
+    p.add_argument("--slurm-per", default="task", choices=("task", "trial"),
+                   help="--launcher slurm: one job per task (its trials in sequence) or per (task, trial)")
+    add_launcher_args(p)
     p.add_argument("overrides", nargs="*", help="key=value or task.key=value config overrides")
     return p.parse_args(argv)
 
 
+def _without(argv: List[str], flag: str) -> List[str]:
+    """``argv`` without ``flag VALUE`` / ``flag=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a == flag or a.startswith(flag + "="):
+            skip = a == flag and not skip
+            continue
+        out.append(a)
+    return out
+
+
+def submit_to_slurm(args: argparse.Namespace, argv: List[str], tasks: List[str]) -> int:
+    """One job per task (or per (task, trial) with ``--slurm-per trial``), each rerunning this command for its
+    part: a requeued job skips finished trials and resumes the running one from its checkpoint."""
+    from transfer.registry import get_task
+    from transfer.runner import SuiteOptions, num_trials
+    from pretrain.utils.slurm import slurm_options, strip_launcher_args, submit
+
+    base = _without(_without(strip_launcher_args(argv), "--tasks"), "--slurm-per")
+    jobs = []
+    for t in tasks:
+        if args.slurm_per == "task":
+            jobs.append((f"{t}", ["--tasks", t] + base))  # options first: overrides stay one positional run
+            continue
+        n = num_trials(get_task(t), SuiteOptions(tasks=[t], trials=args.trials, preset=args.preset))
+        jobs += [(f"{t}-trial{k}", ["--tasks", t, "--only-trial", str(k)] + _without(base, "--only-trial"))
+                 for k in range(n)]
+    script = str(Path(__file__).resolve().parent / "run_all.py")
+    submit(jobs, slurm_options(args), args.output, script, dry_run=args.dry_run)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Returns 0 when every trial finished ok, 1 when some failed, 2 when nothing could start."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.launcher == "slurm":
+        from transfer.registry import load_builtin_tasks, task_order
+
+        known = load_builtin_tasks()
+        tasks = list(task_order()) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+        if [t for t in tasks if t not in known] or not tasks:
+            print(f"error: unknown task(s) in {args.tasks!r}; known: {', '.join(task_order())}", file=sys.stderr)
+            return 2
+        return submit_to_slurm(args, argv, tasks)
     from pretrain.utils.config import ConfigError
     from transfer.registry import load_builtin_tasks, task_order
     from transfer.runner import SuiteOptions, format_summary, one_line_error, route_overrides, run_suite, write_report
@@ -104,7 +151,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             log.error("cannot load --weights %s: %s", args.weights, one_line_error(e))
             return 2
         opts = SuiteOptions(tasks=tasks, trials=args.trials, engine=args.engine, preset=args.preset,
-                            output=args.output, data_root=args.data_root, seed=args.seed, overrides=args.overrides)
+                            output=args.output, data_root=args.data_root, seed=args.seed, overrides=args.overrides,
+                            only_trial=args.only_trial)
         records = run_suite(weights, opts, device)
         if dist.is_main():
             print(format_summary(records))

@@ -57,6 +57,7 @@ class SuiteOptions:
     data_root: Optional[Path] = None
     seed: Optional[int] = None  # default: the task config's seed (0)
     overrides: Sequence[str] = field(default_factory=tuple)
+    only_trial: Optional[int] = None  # run this trial index only (a SLURM job per trial)
 
 
 def resolve_engine(spec: TaskSpec, requested: str) -> str:
@@ -324,6 +325,8 @@ def run_suite(weights: BackboneWeights, opts: SuiteOptions, device: torch.device
             log.error("%s: %s", name, cfg_error)
         base_seed = opts.seed if opts.seed is not None else int(getattr(cfg, "seed", 0) or 0)
         for trial in range(num_trials(spec, opts)):
+            if opts.only_trial is not None and trial != opts.only_trial:
+                continue
             records.append(run_trial(spec, cfg, weights, opts, trial, base_seed + trial, data_root, device,
                                      setup_error=cfg_error))
     return records

@@ -1,0 +1,88 @@
+"""``--launcher slurm`` through submitit: what a dry run would submit, and with submitit's local executor (no
+SLURM here) a job that is preempted and requeued resumes from its checkpoint."""
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.data.synthetic import make_imagenet_folders
+from pretrain.utils import slurm
+from transfer.run_all import main
+
+pytest.importorskip("submitit")
+
+
+def test_dry_run_prints_one_job_per_task_and_submits_nothing(tmp_path, capsys):
+    code = main(["--weights", "random", "--tasks", "voc07_det,imagenet_knn", "--output", str(tmp_path),
+                 "--launcher", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--partition", "learnfair",
+                 "--time", "600", "--account", "moco", "--constraint", "volta32gb", "--dry-run", "solver.iterations=10"])
+    out = capsys.readouterr().out
+    assert code == 0 and not (tmp_path / "slurm").exists()
+    jobs = [line for line in out.splitlines() if line.startswith("job ")]
+    assert [j.split(":")[0] for j in jobs] == ["job voc07_det", "job imagenet_knn"]
+    assert "--tasks voc07_det --weights random" in jobs[0] and "--launcher" not in jobs[0] and "--dry-run" not in out
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=learnfair", "#SBATCH --time=600", "#SBATCH --account=moco",
+                 "#SBATCH --constraint=volta32gb", "#SBATCH --signal=USR2@120"):
+        assert line in out
+
+
+def test_per_trial_jobs(tmp_path, capsys):
+    assert main(["--weights", "random", "--tasks", "voc07_det", "--output", str(tmp_path), "--launcher", "slurm",
+                 "--slurm-per", "trial", "--dry-run"]) == 0
+    jobs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("job ")]
+    assert len(jobs) == 5 and "--only-trial 4" in jobs[-1]  # VOC's protocol: 5 trials, a job each
+
+
+def test_strip_launcher_args():
+    argv = ["--weights", "w", "--launcher=slurm", "--nodes", "2", "--dry-run", "--partition", "p", "a.b=1"]
+    assert slurm.strip_launcher_args(argv) == ["--weights", "w", "a.b=1"]
+
+
+@pytest.mark.timeout(240)
+def test_local_executor_job_preempted_requeued_and_resumed(tmp_path, monkeypatch):
+    data = make_imagenet_folders(tmp_path / "data" / "imagenet", num_classes=2, train_per_class=2, val_per_class=1,
+                                 image_size=16).parent
+    handles = []
+
+    def local_submit(*args, **kwargs):
+        handles.extend(submit(*args, **kwargs, cluster="local"))
+        return handles
+
+    submit = slurm.submit
+    monkeypatch.setattr(slurm, "submit", local_submit)
+    out = tmp_path / "res"
+    epochs = 12
+    assert main(["--weights", "random", "--arch", "resnet18", "--tasks", "imagenet_linear", "--preset", "smoke",
+                 "--data-root", str(data), "--output", str(out), "--no-report", "--launcher", "slurm",
+                 "--gpus-per-node", "1", "data.image_size=16", "data.resize_size=16",
+                 f"optim.epochs={epochs}", "optim.lr_steps=[1000]"]) == 0
+    (job,) = handles
+    try:
+        _preempt_and_check(job, out, epochs)
+    finally:
+        job.cancel(check=False)  # never leave the job running after a failed assertion
+
+
+def _preempt_and_check(job, out, epochs):
+    trial = out / "random-resnet18" / "imagenet_linear" / "trial0"
+    deadline = time.time() + 150
+    while not (trial / "linear_checkpoint.pth").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (trial / "linear_checkpoint.pth").is_file(), job.stderr()
+    # what SLURM does on preemption: USR2 to the job's task (submitit's local executor runs it as a child of
+    # its controller process); submitit checkpoints, and the controller starts the requeued job
+    (task,) = [int(p) for p in Path(f"/proc/{job._process.pid}/task/{job._process.pid}/children").read_text().split()]
+    os.kill(task, signal.SIGUSR2)
+    job.wait()
+    log = (trial / "log.txt").read_text()
+    assert "resumed linear training" in log, job.stdout()
+    assert "preempted" in job.stderr() and "Requeued" in job.stderr()
+    rec = json.loads((trial / "metrics.json").read_text())
+    assert rec["status"] == "ok"
+    assert [h["epoch"] for h in json.loads((trial / "history.json").read_text())] == list(range(epochs))
+    sub = json.loads((out / "slurm" / "submissions.jsonl").read_text().splitlines()[0])
+    assert sub["job_id"] == job.job_id and "--tasks imagenet_linear" in sub["command"]
