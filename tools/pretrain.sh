@@ -5,15 +5,18 @@
 #                     [--master-port P] --config configs/pretrain/moco_v2.yaml [--resume auto] [key=value ...]
 #
 # --nproc is --gpus-per-node under another name, for CPU runs (e.g. --nproc 2 run.device=cpu).
+# --launcher slurm [--partition P --time MIN --account A --constraint C --dry-run] submits one SLURM job
+# (submitit; requeued with --resume auto on preemption / time-out) instead of running torchrun here.
 # Everything that is not a launcher flag goes to tools/train_moco.py unchanged.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python}"
 
-nproc=""; nodes=1; node_rank=0; master_addr=127.0.0.1; master_port=29500
+nproc=""; nodes=1; node_rank=0; master_addr=127.0.0.1; master_port=29500; launcher=local
 args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --launcher) launcher="$2"; shift 2 ;;
     --gpus-per-node|--nproc) nproc="$2"; shift 2 ;;
     --nodes) nodes="$2"; shift 2 ;;
     --node-rank) node_rank="$2"; shift 2 ;;
@@ -22,6 +25,9 @@ while [[ $# -gt 0 ]]; do
     *) args+=("$1"); shift ;;
   esac
 done
+if [[ "$launcher" == slurm ]]; then  # submit from here; SLURM starts one process per GPU on every node
+  exec "$PYTHON" "$HERE/train_moco.py" --launcher slurm --nodes "$nodes" --gpus-per-node "${nproc:-8}" "${args[@]}"
+fi
 if [[ -z "$nproc" ]]; then
   if command -v nvidia-smi >/dev/null 2>&1; then nproc="$(nvidia-smi -L | wc -l)"; else nproc=1; fi
   [[ "$nproc" -ge 1 ]] || nproc=1

@@ -2,6 +2,7 @@
 SLURM here) a job that is preempted and requeued resumes from its checkpoint."""
 import json
 import os
+import runpy
 import signal
 import time
 from pathlib import Path
@@ -86,3 +87,17 @@ def _preempt_and_check(job, out, epochs):
     assert [h["epoch"] for h in json.loads((trial / "history.json").read_text())] == list(range(epochs))
     sub = json.loads((out / "slurm" / "submissions.jsonl").read_text().splitlines()[0])
     assert sub["job_id"] == job.job_id and "--tasks imagenet_linear" in sub["command"]
+
+
+def test_pretraining_is_one_job_requeued_with_resume_auto(tmp_path, capsys):
+    root = Path(__file__).resolve().parents[2]
+    script = root / "tools" / "train_moco.py"
+    ns = runpy.run_path(str(script), run_name="__submitit__")  # the entry point as the job loads it
+    argv = ["--config", str(root / "configs" / "pretrain" / "smoke.yaml"), f"run.output_dir={tmp_path}"]
+    assert ns["cli"](["--launcher", "slurm", "--nodes", "4", "--dry-run", *argv]) == 0
+    out = capsys.readouterr().out
+    assert out.count("job moco_pretrain:") == 1 and "#SBATCH --nodes=4" in out
+    requeued = slurm.EntryJob(str(script), argv, ["--resume", "auto"], "cli").checkpoint()
+    assert requeued.function.argv == ["--resume", "auto", *argv] and requeued.function.function == "cli"
+    # requeued twice: --resume auto is not repeated
+    assert requeued.function.checkpoint().function.argv == requeued.function.argv
