@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pickle
 import urllib.error
 
@@ -138,6 +139,8 @@ def test_msra_weights_resolve_with_their_input_settings(msra, w_msra):
             ("checkpoint", "msra_caffe2", "BGR", D2_BGR_MEAN, True)
         assert set(o.state_dict) == set(w.state_dict) and all(torch.equal(o.state_dict[k], v)
                                                               for k, v in w.state_dict.items())
+        # what a Detectron2 engine sets: the same from the manifest and from weights resolved on the fly
+        assert w.detectron2_overlay() == json.loads(manifest_path(d / out).read_text())["detectron2_overlay"]
 
 
 def test_stride_placements_differ_and_each_loads_its_own_weights(w_msra):
@@ -222,6 +225,9 @@ def _offline(monkeypatch, tmp_path):
 def test_supervised_offline_without_cache_fails_with_one_line(monkeypatch, tmp_path, capsys):
     from transfer.run_all import main
 
+    root = logging.getLogger()  # the CLI replaces the root handlers: give the next tests back theirs
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
     calls = _offline(monkeypatch, tmp_path)
     want = tmp_path / "torch_home" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
     with pytest.raises(CheckpointError) as e:

@@ -285,6 +285,19 @@ def fill_folded_bn_stats(backbone_sd: Dict[str, torch.Tensor], eps: float = BN_E
     return added
 
 
+def detectron2_overlay(arch: str, settings: Mapping[str, Any]) -> Dict[str, Any]:
+    """The Detectron2 config keys weights with these input ``settings`` (:func:`input_settings`) need: MoCo's
+    ``*_moco.yaml`` overlay for torchvision-convention weights, Detectron2's own defaults for MSRA caffe2
+    weights; plus the depth. What a Detectron2 engine sets for every weights, from the manifest."""
+    overlay = {"INPUT.FORMAT": settings["input_format"], "MODEL.PIXEL_MEAN": list(settings["pixel_mean"]),
+               "MODEL.PIXEL_STD": list(settings["pixel_std"]),
+               "MODEL.RESNETS.STRIDE_IN_1X1": bool(settings["stride_in_1x1"]),
+               "MODEL.RESNETS.DEPTH": int(arch.replace("resnet", ""))}
+    if arch in ("resnet18", "resnet34"):  # Detectron2 builds BasicBlocks only with 64-channel res2
+        overlay["MODEL.RESNETS.RES2_OUT_CHANNELS"] = 64
+    return overlay
+
+
 def input_settings(layout: str) -> Dict[str, Any]:
     """The input convention weights of a source layout need: the MSRA caffe2 one (BGR, mean in BGR order,
     std 1, stride in the 1x1 conv) for caffe2 layouts, torchvision's (RGB, ImageNet mean/std on the 0-255

@@ -21,8 +21,8 @@ import torch
 
 from pretrain.utils.io import CheckpointError, atomic_path, safe_torch_load, sha256_file
 from transfer.weights import supervised
-from transfer.weights.conversion import (CAFFE2_LAYOUTS, extract_backbone, infer_arch, input_settings, to_detectron2,
-                                         to_torchvision, verify_backbone)
+from transfer.weights.conversion import (CAFFE2_LAYOUTS, detectron2_overlay, extract_backbone, infer_arch,
+                                         input_settings, to_detectron2, to_torchvision, verify_backbone)
 
 AUTHOR = "moco-transfer-suite"
 FORMATS = ("detectron2", "torchvision")
@@ -112,18 +112,6 @@ def read_manifest(weights_path: str | os.PathLike) -> Optional[Dict[str, Any]]:
         raise CheckpointError(f"{mp}: unreadable manifest: {e}") from None
 
 
-def detectron2_overlay(arch: str, layout: str) -> Dict[str, Any]:
-    """The Detectron2 config keys weights of this source layout need: MoCo's ``*_moco.yaml`` overlay for
-    torchvision-convention weights, Detectron2's own defaults for MSRA caffe2 weights; plus the depth."""
-    s = input_settings(layout)
-    overlay = {"INPUT.FORMAT": s["input_format"], "MODEL.PIXEL_MEAN": s["pixel_mean"],
-               "MODEL.PIXEL_STD": s["pixel_std"], "MODEL.RESNETS.STRIDE_IN_1X1": s["stride_in_1x1"],
-               "MODEL.RESNETS.DEPTH": int(arch.replace("resnet", ""))}
-    if arch in ("resnet18", "resnet34"):  # Detectron2 builds BasicBlocks only with 64-channel res2
-        overlay["MODEL.RESNETS.RES2_OUT_CHANNELS"] = 64
-    return overlay
-
-
 _NOTES = {
     False: ("torchvision-convention weights: RGB input, ImageNet mean/std on the 0-255 scale, stride in the 3x3 conv "
             "(STRIDE_IN_1X1 False): MoCo's '_moco' overlay. The MSRA caffe2 convention is the opposite."),
@@ -166,7 +154,7 @@ def convert_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         "input": str(input_path), "input_sha256": sha256_file(input_path), "layout": info["layout"],
         "kind": "checkpoint" if kind == "file" else kind, "encoder": encoder, "prefix": info["prefix"], "nested_under": info["nested_under"],
         "dropped": info["dropped"], "filled_bn_stats": info["filled_bn_stats"], **input_settings(info["layout"]),
-        "detectron2_overlay": detectron2_overlay(arch, info["layout"]), "note": _NOTES[info["layout"] in CAFFE2_LAYOUTS],
+        "detectron2_overlay": detectron2_overlay(arch, input_settings(info["layout"])), "note": _NOTES[info["layout"] in CAFFE2_LAYOUTS],
         "converter": AUTHOR, "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
     # Both files go to temporary names and are renamed only once both are complete.

@@ -20,8 +20,8 @@ from transfer.weights import supervised
 from transfer.weights.files import load_checkpoint_file, read_manifest, weights_stem
 # torchvision / MoCo convention: RGB, ImageNet mean and std on the 0-255 scale, stride in the 3x3 conv.
 from transfer.weights.conversion import (ARCHS, CAFFE2_LAYOUTS, TORCHVISION_PIXEL_MEAN, TORCHVISION_PIXEL_STD,
-                                         ConversionError, extract_backbone, infer_arch, input_settings,
-                                         verify_backbone)
+                                         ConversionError, detectron2_overlay, extract_backbone, infer_arch,
+                                         input_settings, verify_backbone)
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +45,19 @@ class BackboneWeights:
     kind: str = "checkpoint"
     description: str = ""  # e.g. "supervised IN-1M: torchvision resnet50 IMAGENET1K_V1"
 
+    def settings(self) -> Dict[str, Any]:
+        """The input settings: ``input_format``, ``pixel_mean``, ``pixel_std`` (0-255 scale), ``stride_in_1x1``."""
+        return {k: getattr(self, k) for k in SETTINGS}
+
+    def detectron2_overlay(self) -> Dict[str, Any]:
+        """``INPUT.FORMAT``, ``MODEL.PIXEL_MEAN/STD``, ``MODEL.RESNETS.STRIDE_IN_1X1`` and depth for Detectron2."""
+        return detectron2_overlay(self.arch, self.settings())
+
     def info(self) -> dict:
         """Everything but the tensors, for results."""
         return {
-            "name": self.name, "arch": self.arch, "input_format": self.input_format,
-            "pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std, "stride_in_1x1": self.stride_in_1x1,
-            "layout": self.layout, "sha256": self.sha256, "source": self.source, "kind": self.kind,
-            "description": self.description,
+            "name": self.name, "arch": self.arch, **self.settings(), "layout": self.layout, "sha256": self.sha256,
+            "source": self.source, "kind": self.kind, "description": self.description,
         }
 
 

@@ -87,7 +87,7 @@ def torchvision_file(arch: str) -> Path:
         raise CheckpointError(
             f"torchvision's {arch} {TORCHVISION_WEIGHTS} weights are not in the torch hub cache and could not be "
             f"downloaded ({reason}). Download {url} and put it at {path} (the cache: $TORCH_HOME/hub/checkpoints), "
-            f"or pass --weights supervised_tv=/path/to/{path.name}")
+            f"or give the file as supervised_tv=/path/to/{path.name}")
     return path
 
 
