@@ -71,3 +71,24 @@ def test_pretrained_tensors_load_exactly_and_only_the_head_is_new():
         build_fcn(_weights("resnet18", drop="layer4.1.conv2.weight"), 21)
     with pytest.raises(WeightLoadError):  # a ResNet-18 backbone into a ResNet-50 model
         build_fcn(BackboneWeights("t", "resnet50", _weights("resnet18").state_dict), 21)
+
+
+def test_loss_ignores_void_pixels_and_a_void_crop_gives_zero():
+    from transfer.engines.torchvision.segmentation.semseg import _train_step
+
+    model = build_fcn(BackboneWeights("random", "resnet18", None), 3).train()
+    images = torch.randn(2, 3, 32, 32)
+    labels = torch.randint(0, 3, (2, 32, 32))
+    step = lambda lab: _train_step(model, (images, lab, None), torch.device("cpu"), 255, False)["loss_sem_seg"]  # noqa
+    torch.manual_seed(0)
+    full = step(labels)
+    half = labels.clone()
+    half[:, :, 16:] = 255
+    with torch.no_grad():
+        logits = model(images)
+    # the mean over the non-void pixels only (BN in train mode: same batch, same statistics)
+    ref = torch.nn.functional.cross_entropy(logits[..., :16], labels[..., :16])
+    assert torch.allclose(step(half), ref, atol=1e-5) and not torch.allclose(full, ref)
+    void = step(torch.full_like(labels, 255))
+    assert void.item() == 0.0
+    void.backward()  # no NaN, and a graph to step through
