@@ -10,7 +10,9 @@ or a supervised counterpart by name: ``supervised`` (= ``supervised_tv``: torchv
 ``supervised_msra=R-50.pkl`` (Detectron2's MSRA caffe2 ResNet: BGR, std 1, stride in the 1x1 conv).
 ``key=value`` overrides go to every selected task whose config has that key; ``task.key=value`` to that
 task only (``voc07_det.solver.iterations=100``); an override no selected task accepts is an error.
-Several GPUs / nodes: ``torchrun --nproc_per_node=8 transfer/run_all.py ...`` (nothing is rescaled:
+``--watch PRETRAIN_DIR [--every N] [--poll S] [--once]`` instead of ``--weights``: evaluate each new checkpoint
+of a running pretraining (``transfer/watch.py``). ``--launcher slurm``: submit with submitit instead of running
+here (``pretrain/utils/slurm.py``). Several GPUs / nodes: ``torchrun --nproc_per_node=8 transfer/run_all.py ...`` (nothing is rescaled:
 set ``solver.batch_size`` yourself if needed; effective values are recorded with every result).
 """
 from __future__ import annotations
@@ -52,9 +54,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="transfer/run_all.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True,
+    p.add_argument("--weights", default=None,
                    help="checkpoint / converter output / torchvision or caffe2 file, 'random', 'supervised' "
                         "(= supervised_tv), 'supervised_tv=FILE' or 'supervised_msra=FILE'")
+    p.add_argument("--watch", type=Path, default=None, metavar="PRETRAIN_DIR",
+                   help="instead of --weights: evaluate each new checkpoint of a running pretraining (transfer/watch.py)")
+    p.add_argument("--every", type=_positive, default=1, help="--watch: checkpoints of epochs that are multiples of N")
+    p.add_argument("--poll", type=float, default=300.0, help="--watch: seconds between looks for new checkpoints")
+    p.add_argument("--once", action="store_true", help="--watch: evaluate what is there now, then stop")
     p.add_argument("--name", default=None, help="weights name used in results/ (default: from the weights)")
     p.add_argument("--arch", default=None, help="ResNet depth when it cannot be inferred (e.g. with 'random')")
     p.add_argument("--encoder", default="query", choices=("query", "key"), help="which MoCo encoder to transfer")
@@ -73,7 +80,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="--launcher slurm: one job per task (its trials in sequence) or per (task, trial)")
     add_launcher_args(p)
     p.add_argument("overrides", nargs="*", help="key=value or task.key=value config overrides")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.weights is None) == (args.watch is None):
+        p.error("give exactly one of --weights W and --watch PRETRAIN_DIR")
+    return args
 
 
 def _without(argv: List[str], flag: str) -> List[str]:
@@ -145,6 +155,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ConfigError as e:
             log.error("%s", e)
             return 2
+        if args.watch is not None:
+            from transfer.watch import watch
+
+            watch(args.watch, SuiteOptions(tasks=tasks, trials=args.trials, engine=args.engine, preset=args.preset,
+                                           output=args.output, data_root=args.data_root, seed=args.seed,
+                                           overrides=args.overrides),
+                  device, every=args.every, poll_s=args.poll, once=args.once, arch=args.arch, encoder=args.encoder)
+            return 0
         try:
             weights = load_backbone_weights(args.weights, name=args.name, arch=args.arch, encoder=args.encoder)
         except Exception as e:  # a bad --weights stops everything: no task could use it
