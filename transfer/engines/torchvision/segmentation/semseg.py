@@ -4,6 +4,7 @@ confusion matrix over the evaluation set (:mod:`transfer.evaluation.semseg`), su
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -32,12 +33,13 @@ from transfer.weights.resolve import BackboneWeights
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
 class _Dataset:
     """What differs between the two datasets: records, label reader, class names, how the mIoU averages."""
-
-    def __init__(self, load: Callable[[Path, str], List[dict]], read_label: Callable[[dict], np.ndarray],
-                 classes: Tuple[str, ...], mean_over: str):
-        self.load, self.read_label, self.classes, self.mean_over = load, read_label, classes, mean_over
+    load: Callable[[Path, str], List[dict]]  # (data_root, split) -> records
+    read_label: Callable[[dict], np.ndarray]  # record -> (H, W) uint8
+    classes: Tuple[str, ...]
+    mean_over: str  # transfer.evaluation.semseg.MEAN_OVER
 
 
 DATASETS = {
