@@ -170,6 +170,7 @@ def test_supervised_by_name_from_the_hub_cache_or_one_line_error(tool, resnet18,
     assert tool.main(["supervised_tv", str(out)]) == 1  # --arch defaults to resnet50: not cached
     assert tool.main(["supervised", str(out), "--arch", "resnet18"]) == 0
     m = json.loads((tmp_path / "sup.pkl.manifest.json").read_text())
-    assert (m["kind"], m["layout"], m["input"], m["stride_in_1x1"]) == ("supervised_tv", "torchvision", str(cached), False)
+    assert (m["kind"], m["layout"], m["input"], m["stride_in_1x1"]) == \
+        ("supervised_tv", "torchvision", str(cached), False)
     assert tool.main([f"supervised_msra={cached}", str(tmp_path / "x.pkl")]) == 1
     assert "is not an MSRA caffe2 ResNet" in capsys.readouterr().err and not (tmp_path / "x.pkl").exists()

@@ -76,7 +76,8 @@ def reference_features(blobs: dict, x: torch.Tensor) -> torch.Tensor:
     the mean, std 1 -> pooled (N, 2048). AffineChannel after each conv; the stride in the 1x1 ``branch2a``."""
     def cbn(x, conv, bn, stride=1, pad=0):
         y = F.conv2d(x, torch.from_numpy(blobs[conv + "_w"]), stride=stride, padding=pad)
-        return y * torch.from_numpy(blobs[bn + "_bn_s"])[:, None, None] + torch.from_numpy(blobs[bn + "_bn_b"])[:, None, None]
+        s, b = torch.from_numpy(blobs[bn + "_bn_s"]), torch.from_numpy(blobs[bn + "_bn_b"])
+        return y * s[:, None, None] + b[:, None, None]
 
     x = F.max_pool2d(F.relu(cbn(x, "conv1", "res_conv1", stride=2, pad=3)), 3, 2, 1)
     for s, n in zip(range(2, 6), R50_BLOCKS):
@@ -131,7 +132,8 @@ def test_msra_weights_resolve_with_their_input_settings(msra, w_msra):
     assert (w.name, w.kind, w.layout, w.input_format, w.pixel_mean, w.pixel_std, w.stride_in_1x1) == \
         ("supervised_msra", "supervised_msra", "msra_caffe2", "BGR", D2_BGR_MEAN, D2_STD, True)
     torch.testing.assert_close(w.state_dict["layer4.2.conv3.weight"], torch.from_numpy(blobs["res5_2_branch2c_w"]))
-    torch.testing.assert_close(w.state_dict["layer1.0.downsample.1.weight"], torch.from_numpy(blobs["res2_0_branch1_bn_s"]))
+    torch.testing.assert_close(w.state_dict["layer1.0.downsample.1.weight"],
+                               torch.from_numpy(blobs["res2_0_branch1_bn_s"]))
     # the converter outputs, given as plain files, read back with the same tensors and settings
     for out in ("msra_d2.pkl", "msra_tv.pth"):
         o = load_backbone_weights(str(d / out))
@@ -206,7 +208,8 @@ def test_mismatched_settings_are_refused(msra, tmp_path):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tv)
     with pytest.raises(ConversionError, match="is not an MSRA caffe2 ResNet"):
         load_backbone_weights(f"supervised_msra={tv}")
-    with pytest.raises(CheckpointError, match="download https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/MSRA/R-50.pkl"):
+    msra_url = "https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/MSRA/R-50.pkl"
+    with pytest.raises(CheckpointError, match=f"download {msra_url}"):
         load_backbone_weights("supervised_msra")
 
 

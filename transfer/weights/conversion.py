@@ -204,7 +204,8 @@ def _detect(sd: Mapping[str, Any]) -> Layout:
         known = ", ".join(sorted({lay.query or "no prefix" for lay in LAYOUTS}))
         raise ConversionError(
             "unknown checkpoint layout: no ResNet backbone tensor (conv1/bn1/layer1-4, Detectron2 "
-            f"stem/res2-5, or caffe2 conv1_w/res2_0_branch2a_w) under any known prefix ({known}). Prefixes found: {_prefix_summary(sd)}")
+            f"stem/res2-5, or caffe2 conv1_w/res2_0_branch2a_w) under any known prefix ({known}). "
+            f"Prefixes found: {_prefix_summary(sd)}")
     if len(found) > 1:
         raise ConversionError(f"ambiguous checkpoint layout: matches {[lay.name for lay in found]}")
     return found[0]

@@ -152,9 +152,11 @@ def convert_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     manifest = {
         "name": weights_stem(output_path), "format": fmt, "arch": arch, "num_tensors": len(backbone),
         "input": str(input_path), "input_sha256": sha256_file(input_path), "layout": info["layout"],
-        "kind": "checkpoint" if kind == "file" else kind, "encoder": encoder, "prefix": info["prefix"], "nested_under": info["nested_under"],
+        "kind": "checkpoint" if kind == "file" else kind, "encoder": encoder, "prefix": info["prefix"],
+        "nested_under": info["nested_under"],
         "dropped": info["dropped"], "filled_bn_stats": info["filled_bn_stats"], **input_settings(info["layout"]),
-        "detectron2_overlay": detectron2_overlay(arch, input_settings(info["layout"])), "note": _NOTES[info["layout"] in CAFFE2_LAYOUTS],
+        "detectron2_overlay": detectron2_overlay(arch, input_settings(info["layout"])),
+        "note": _NOTES[info["layout"] in CAFFE2_LAYOUTS],
         "converter": AUTHOR, "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
     # Both files go to temporary names and are renamed only once both are complete.

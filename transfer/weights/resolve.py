@@ -151,7 +151,8 @@ def _supervised_msra(w: BackboneWeights, name: Optional[str]) -> BackboneWeights
 def _manifest_settings(manifest: Dict[str, Any]) -> Dict[str, Any]:
     try:
         return {"input_format": manifest["input_format"], "pixel_mean": [float(x) for x in manifest["pixel_mean"]],
-                "pixel_std": [float(x) for x in manifest["pixel_std"]], "stride_in_1x1": bool(manifest["stride_in_1x1"])}
+                "pixel_std": [float(x) for x in manifest["pixel_std"]],
+                "stride_in_1x1": bool(manifest["stride_in_1x1"])}
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"manifest without valid input settings ({type(e).__name__}: {e}); expected "
                               f"{', '.join(SETTINGS)}: re-run tools/convert_to_d2.py") from None
