@@ -38,6 +38,11 @@ def test_res5_dilation_follows_detectron2_and_total_stride_is_16():
     with torch.no_grad():
         feats = model.backbone(torch.zeros(1, 3, 96, 160))
     assert feats.shape == (1, 2048, 6, 10)  # total stride 16
+    # MSRA caffe2 weights (stride in the 1x1 conv): res3/res4 stride there, res5 still undilated-stride-free
+    msra = build_fcn(BackboneWeights("random", "resnet50", None, stride_in_1x1=True), 21).backbone
+    assert msra.layer3[0].conv1.stride == (2, 2) and msra.layer3[0].conv2.stride == (1, 1)
+    assert all(c.stride == (1, 1) for c in msra.layer4.modules() if isinstance(c, nn.Conv2d))
+    assert msra.layer4[0].conv2.dilation == (2, 2)
 
 
 def test_head_structure_and_full_size_logits():

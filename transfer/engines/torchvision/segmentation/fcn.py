@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.resnet import build_resnet
-from transfer.engines.torchvision.backbone import load_exact, remap_resnet_keys, require_torchvision_layout
+from transfer.engines.torchvision.backbone import (build_backbone_resnet, check_stride_placement, load_exact,
+                                                   remap_resnet_keys)
 from transfer.weights.resolve import BackboneWeights
 
 # where each torchvision ResNet part lives in the FCN
@@ -99,7 +99,7 @@ def build_fcn(weights: BackboneWeights, num_classes: int, res5_dilation: int = 2
               head_dilation: int = 6, head_num_convs: int = 2) -> FCN:
     """FCN-16s (``res5_dilation`` 2) initialised from ``weights``: every backbone tensor loaded exactly, only
     the head (``head.*``) left fresh."""
-    resnet = dilate_res5(build_resnet(weights.arch), res5_dilation)
+    resnet = dilate_res5(build_backbone_resnet(weights), res5_dilation)  # stride placement from the weights
     backbone = DilatedResNet(resnet)
     model = FCN(backbone, FCNHead(backbone.out_channels, num_classes, head_channels, head_dilation, head_num_convs))
     load_fcn_weights(model, weights)
@@ -114,6 +114,6 @@ def load_fcn_weights(model: FCN, weights: BackboneWeights) -> None:
     """Copy the backbone tensors; assert that exactly the head was not loaded (random init: nothing to do)."""
     if weights.state_dict is None:
         return
-    require_torchvision_layout(weights)
+    check_stride_placement(model, weights)
     state: Dict[str, torch.Tensor] = remap_resnet_keys(weights.state_dict, FCN_KEY_MAP)
     load_exact(model, state, fcn_head_keys(model), weights.name)
