@@ -47,6 +47,10 @@ def main() -> None:
         from transfer.data.synthetic.coco import make_coco
 
         print(f"wrote {make_coco(a.root, seed=a.seed)}")
+    if "lvis" in kinds:  # LVIS v0.5 json files over the synthetic COCO's images (written first if absent)
+        from transfer.data.synthetic.lvis import make_lvis
+
+        print(f"wrote {make_lvis(a.root, seed=a.seed)}")
 
 
 if __name__ == "__main__":
