@@ -71,6 +71,17 @@ def resolve_engine(spec: TaskSpec, requested: str) -> str:
     return requested
 
 
+def trial_dir(spec: TaskSpec, weights: BackboneWeights, opts: SuiteOptions, trial: int) -> Path:
+    """``OUTPUT/<weights>/<task>/trial<k>`` for the built-in engine, ``OUTPUT/<weights>/<task>/detectron2/trial<k>``
+    for Detectron2 (requested, or chosen by ``auto``): the two engines' trials never skip or overwrite each other."""
+    base = Path(opts.output) / weights.name / spec.name
+    try:
+        engine = resolve_engine(spec, opts.engine)
+    except RuntimeError:  # an engine that cannot run here: its error is recorded in the default folder
+        engine = "torchvision"
+    return base / f"trial{trial}" if engine == "torchvision" else base / engine / f"trial{trial}"
+
+
 def config_path(spec: TaskSpec, preset: str) -> Path:
     """``configs/transfer/<file>`` (full) or ``configs/transfer/smoke/<file>``."""
     if preset not in PRESETS:
@@ -197,7 +208,7 @@ def _previous_state(metrics_file: Path, want_hash: Optional[str], preset: str, s
 def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOptions, trial: int, seed: int,
               data_root: Path, device: torch.device, setup_error: Optional[str] = None) -> dict:
     """Run one (task, trial) unless finished; returns its metrics.json record (``skipped`` added if it was)."""
-    out_dir = Path(opts.output) / weights.name / spec.name / f"trial{trial}"
+    out_dir = trial_dir(spec, weights, opts, trial)
     metrics_file = out_dir / "metrics.json"
     if cfg is not None:
         cfg = _with_seed(cfg, seed)

@@ -1,14 +1,19 @@
 """The Detectron2 engine (the reference protocol): used when ``import detectron2`` works.
 
-This module itself never imports detectron2 at import time; :func:`available` is the suite's one probe
-for it. The engine's task implementations are not written yet: until they are, ``--engine detectron2``
-fails each task with a message saying so, and ``--engine auto`` uses the built-in engine.
+This module never imports detectron2 at import time; :func:`available` is the suite's one probe for it
+and :func:`register` (called by :func:`transfer.engines.load_engines` only when it is available) imports the
+engine's modules, registers the suite's Detectron2 modules (``Res5ROIHeadsExtraNorm``, the FCN-16s head) and
+adds a ``detectron2`` implementation to every detection and segmentation task. ``--engine auto`` then
+prefers it; without detectron2, ``--engine detectron2`` fails each task with :data:`INSTALL_HINT`.
+Layout: ``keys.py`` (task config -> Detectron2 keys, no detectron2 import), ``config.py``, ``modeling.py``,
+``datasets.py``, ``train.py``, ``detection.py`` (VOC, COCO), ``semseg.py``.
 """
 from __future__ import annotations
 
 import functools
 
-INSTALL_HINT = ("detectron2 has no PyPI release: build it from source (README, 'Detectron2 engine'), "
+INSTALL_HINT = ("detectron2 has no PyPI release: build it from source "
+                "(pip install 'git+https://github.com/facebookresearch/detectron2.git', README 'Detectron2 engine'), "
                 "or use --engine torchvision / auto")
 
 
@@ -22,5 +27,17 @@ def available() -> bool:
     return True
 
 
+_registered = False
+
+
 def register() -> None:
-    """Register this engine's task implementations (none yet)."""
+    """Register this engine's task implementations (once per process)."""
+    global _registered
+    if _registered:
+        return
+    from transfer.engines.detectron2 import detection
+    from transfer.engines.detectron2.modeling import register_modules
+
+    register_modules()
+    detection.register()
+    _registered = True

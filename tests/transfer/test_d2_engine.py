@@ -1,0 +1,183 @@
+"""The Detectron2 engine: config mapping (always), and with detectron2 installed: the project's Detectron2 YAMLs
+equal the task configs, exact weight loading, and VOC / COCO smoke runs end to end through Detectron2.
+
+Without detectron2 (CI) the Detectron2 tests skip; what is checked there is that nothing imports it and
+that ``--engine detectron2`` fails with the install hint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.utils.config import load_config
+from transfer.engines import detectron2 as d2_engine
+from transfer.engines.detectron2.keys import TASK_YAML, UnmappedKeyError, d2_assignments
+from transfer.registry import get_task, load_builtin_tasks
+from transfer.runner import config_path, resolve_engine
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_d2 = pytest.mark.skipif(not d2_engine.available(),
+                              reason="detectron2 is not installed (no PyPI release; README 'Detectron2 engine')")
+
+
+def _task_cfg(task: str, preset: str = "full", overrides=()):
+    spec = get_task(task)
+    return load_config(spec.schema, config_path(spec, preset), list(overrides))
+
+
+@pytest.mark.parametrize("task", sorted(TASK_YAML))
+@pytest.mark.parametrize("preset", ["full", "smoke"])
+def test_every_config_field_maps_to_a_detectron2_key(task, preset):
+    assigned = d2_assignments(_task_cfg(task, preset))
+    cfg = _task_cfg(task, preset)
+    assert assigned["SOLVER.MAX_ITER"] == cfg.solver.iterations
+    assert assigned["SOLVER.IMS_PER_BATCH"] == cfg.solver.batch_size
+    assert assigned["SOLVER.STEPS"] == tuple(cfg.solver.steps)
+
+
+def test_a_field_without_detectron2_key_is_an_error():
+    cfg = _task_cfg("voc07_det")
+    # a field the engine does not know (as a later task option would be): refused, never ignored
+    extra = dataclasses.make_dataclass("SolverConfig", [("new_knob", int, dataclasses.field(default=3))],
+                                       bases=(type(cfg.solver),), frozen=True)
+    bad = dataclasses.replace(cfg, solver=extra(**dataclasses.asdict(cfg.solver)))
+    with pytest.raises(UnmappedKeyError, match="solver.new_knob"):
+        d2_assignments(bad)
+
+
+@pytest.mark.skipif(d2_engine.available(), reason="checks the behaviour without detectron2")
+def test_without_detectron2_nothing_imports_it_and_the_engine_says_how_to_install():
+    code = ("import sys; from transfer.registry import load_builtin_tasks, TASKS; load_builtin_tasks(); "
+            "assert 'detectron2' not in sys.modules, 'imported'; "
+            "assert not any('detectron2' in s.engines for s in TASKS.values()), 'registered'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
+    load_builtin_tasks()
+    spec = get_task("voc07_det")
+    assert resolve_engine(spec, "auto") == "torchvision"
+    with pytest.raises(RuntimeError, match="build it from source"):
+        resolve_engine(spec, "detectron2")
+
+
+# ---------------------------------------------------------------- with detectron2 installed
+
+def _ctx(tmp_path, task="voc07_det", world_size=1):
+    from transfer.context import TrialContext
+
+    return TrialContext(task=task, trial=0, seed=0, engine="detectron2", device=torch.device("cpu"),
+                        data_root=tmp_path / "data", output_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
+                        world_size=world_size)
+
+
+def _resnet_weights(arch="resnet18", **manifest):
+    import torchvision
+
+    from transfer.weights.resolve import BackboneWeights
+
+    torch.manual_seed(0)
+    sd = {k: v for k, v in getattr(torchvision.models, arch)().state_dict().items()
+          if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    return BackboneWeights(name=f"test-{arch}", arch=arch, state_dict=sd, **manifest)
+
+
+@needs_d2
+@pytest.mark.parametrize("task", sorted(TASK_YAML))
+def test_detectron2_yaml_is_the_task_protocol(task, tmp_path):
+    """The project's Detectron2 YAML alone gives the same values as the suite's full task config mapped onto it,
+    and the run settings are MoCo's: no rescaling, every layer trained, BN, the weights' input settings."""
+    from detectron2.config import get_cfg
+
+    from transfer.engines.detectron2.config import D2_CONFIG_DIR, add_suite_keys, build_config
+
+    load_builtin_tasks()
+    yaml_only = get_cfg()
+    add_suite_keys(yaml_only)
+    yaml_only.merge_from_file(str(D2_CONFIG_DIR / TASK_YAML[task]))
+    weights = _resnet_weights("resnet50", input_format="BGR", pixel_mean=[1.0, 2.0, 3.0], pixel_std=[4.0, 5.0, 6.0],
+                              stride_in_1x1=True)
+    cfg = build_config(TASK_YAML[task], _task_cfg(task), weights, _ctx(tmp_path, task), ["a"], ["b"], 0)
+    # on several processes nothing is changed for the process count (one process: plain BN, checked below)
+    two = build_config(TASK_YAML[task], _task_cfg(task), weights, _ctx(tmp_path, task, world_size=2), ["a"], ["b"], 0)
+    differ = {}
+    for key in d2_assignments(_task_cfg(task)):
+        if key.startswith("_") or key == "SEED":  # checks done in code; the seed is the trial's
+            continue
+        node_y, node_c = yaml_only, two
+        for part in key.split("."):
+            node_y, node_c = node_y[part], node_c[part]
+        if json.loads(json.dumps(node_y)) != json.loads(json.dumps(node_c)):  # tuples and lists alike
+            differ[key] = (node_y, node_c)
+    assert not differ, f"{TASK_YAML[task]} differs from configs/transfer/{get_task(task).config_file}: {differ}"
+    assert cfg.SOLVER.REFERENCE_WORLD_SIZE == 0 and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+    assert cfg.TEST.PRECISE_BN.ENABLED and cfg.MODEL.RESNETS.NORM == "BN"  # one process
+    assert yaml_only.MODEL.RESNETS.NORM == "naiveSyncBN"
+    assert (cfg.INPUT.FORMAT, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.MODEL.RESNETS.STRIDE_IN_1X1) == \
+        ("BGR", [1.0, 2.0, 3.0], [4.0, 5.0, 6.0], True)
+    if "C4" in TASK_YAML[task]:
+        assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm"
+    assert two.MODEL.RESNETS.NORM == "naiveSyncBN" and two.SOLVER.IMS_PER_BATCH == cfg.SOLVER.IMS_PER_BATCH
+
+
+@needs_d2
+@pytest.mark.parametrize("task,arch", [("voc07_det", "resnet18"), ("voc07_det", "resnet50"),
+                                       ("coco_fpn_1x", "resnet18")])
+def test_converted_weights_load_with_exactly_the_heads_missing(task, arch, tmp_path):
+    from detectron2.modeling import build_model
+
+    from transfer.engines.detectron2.config import build_config
+    from transfer.engines.detectron2.modeling import load_backbone
+
+    load_builtin_tasks()
+    weights = _resnet_weights(arch)
+    cfg = build_config(TASK_YAML[task], _task_cfg(task, "smoke"), weights, _ctx(tmp_path, task), ["a"], ["b"], 0)
+    model = build_model(cfg)
+    missing = load_backbone(model, weights)
+    heads = ("proposal_generator.", "roi_heads.box_predictor.", "roi_heads.res5.norm.", "roi_heads.box_head.",
+             "roi_heads.mask_head.", "backbone.fpn_", "backbone.top_block")
+    assert missing and all(k.startswith(heads) for k in missing), sorted(missing)
+    own = model.state_dict()
+    c4 = "C4" in TASK_YAML[task]
+    assert torch.equal(own["backbone.stem.conv1.weight" if c4 else "backbone.bottom_up.stem.conv1.weight"],
+                       weights.state_dict["conv1.weight"])
+    res5 = "roi_heads.res5.0.conv1.weight" if c4 else "backbone.bottom_up.res5.0.conv1.weight"
+    assert torch.equal(own[res5], weights.state_dict["layer4.0.conv1.weight"])
+    if c4:  # MoCo's extra BN after res5
+        assert isinstance(model.roi_heads.res5[-1], torch.nn.BatchNorm2d)
+    # a backbone tensor absent from the file would stay random: refused
+    del weights.state_dict["layer3.1.bn2.running_var"]
+    with pytest.raises(RuntimeError, match="were not in"):
+        load_backbone(build_model(cfg), weights)
+
+
+_TINY_VOC = ["solver.iterations=2", "solver.steps=[1]", "solver.warmup_iters=1", "precise_bn.num_iters=1",
+             "input.min_size_train=[64]", "input.min_size_test=64", "input.max_size_test=96",
+             "model.roi_batch_size_per_image=16", "model.rpn_post_nms_topk_test=20"]
+
+
+@needs_d2
+def test_voc_smoke_runs_end_to_end_and_resumes(tmp_path):
+    """voc07_det's smoke preset (shrunk further) through Detectron2; a rerun of a killed trial resumes from its
+    last checkpoint (here: the final one, so it only evaluates again, with the same numbers)."""
+    from transfer.cli import main
+
+    out = tmp_path / "results"
+    args = ["--weights", "random", "--arch", "resnet18", "--tasks", "voc07_det", "--engine", "detectron2",
+            "--preset", "smoke", "--output", str(out), "--device", "cpu", "--no-report", *_TINY_VOC]
+    assert main(args) == 0
+    trial = out / "random-resnet18" / "voc07_det" / "detectron2" / "trial0"
+    rec = json.loads((trial / "metrics.json").read_text())
+    assert rec["status"] == "ok" and rec["engine"] == "detectron2", rec
+    assert set(rec["metrics"]) >= {"AP", "AP50", "AP75"}
+    assert (trial / "d2_config.yaml").is_file() and (trial / "d2_checkpoints" / "model_final.pth").is_file()
+    assert "Res5ROIHeadsExtraNorm" in (trial / "d2_config.yaml").read_text()
+    # killed after training, before metrics.json: the rerun resumes instead of training again
+    (trial / "metrics.json").unlink()
+    assert main(args) == 0
+    again = json.loads((trial / "metrics.json").read_text())
+    assert again["metrics"]["AP50"] == pytest.approx(rec["metrics"]["AP50"])
+    assert "resuming the killed trial" in (trial / "log.txt").read_text()

@@ -1,0 +1,80 @@
+"""VOC and COCO R-CNN tasks on Detectron2: MoCo's configs, Detectron2's evaluators, the suite's metric names.
+
+``voc0712_det`` / ``voc07_det``: ``voc_det_R_50_C4_24k.yaml``, ``PascalVOCDetectionEvaluator`` -> AP, AP50, AP75.
+``coco_c4_*`` / ``coco_fpn_*`` / ``coco_keypoints``: ``COCOEvaluator`` -> APbb*, APmk*, APkp* (and the
+small/medium/large breakdowns, which go to tables.csv).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict
+
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+
+from transfer.context import TrialContext
+from transfer.engines.detectron2 import datasets
+from transfer.engines.detectron2.config import build_config, effective_values
+from transfer.engines.detectron2.keys import TASK_YAML
+from transfer.engines.detectron2.train import train_and_evaluate
+from transfer.registry import register_engine
+from transfer.weights.resolve import BackboneWeights
+
+log = logging.getLogger(__name__)
+
+# Detectron2's result dict {task: {metric: value}} -> the suite's metric names (Table 5/6 columns first)
+COCO_PREFIX = {"bbox": "APbb", "segm": "APmk", "keypoints": "APkp"}
+COCO_TASKS = ("coco_c4_1x", "coco_c4_2x", "coco_fpn_1x", "coco_fpn_2x", "coco_keypoints")
+
+
+def coco_metrics(results: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """``{"bbox": {"AP": .., "AP50": .., "APs": ..}, "segm": ..}`` -> ``{"APbb": .., "APbb50": .., "APbbs": ..}``;
+    per-category entries (``AP-person``) are dropped, NaN (nothing to evaluate) stays NaN."""
+    out = {}
+    for task, prefix in COCO_PREFIX.items():
+        for name, value in results.get(task, {}).items():
+            if name.startswith("AP") and "-" not in name:
+                out[prefix + name[2:]] = float(value)
+    return out
+
+
+def _finish(metrics: Dict[str, float], run: Dict[str, Any], cfg_d2, ctx: TrialContext) -> Dict[str, float]:
+    if run.get("final_loss") is not None and math.isfinite(run["final_loss"]):
+        metrics["final_loss"] = run["final_loss"]
+    log.info("detectron2 effective values: %s", effective_values(cfg_d2, ctx.world_size))
+    return metrics
+
+
+def run_voc(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
+    train = [datasets.register_voc(ctx.data_root, s, cfg.data.train_use_difficult) for s in cfg.data.train_sets]
+    test = datasets.register_voc(ctx.data_root, cfg.data.test_set)
+    cfg_d2 = build_config(TASK_YAML[ctx.task], cfg, weights, ctx, train, [test], cfg.data.num_workers)
+    run = train_and_evaluate(cfg_d2, weights, ctx, PascalVOCDetectionEvaluator, log_period=cfg.log_period)
+    if not run:
+        return {}
+    box = run["results"]["bbox"]
+    return _finish({"AP50": float(box["AP50"]), "AP": float(box["AP"]), "AP75": float(box["AP75"])}, run, cfg_d2, ctx)
+
+
+def _run_coco(task: str, cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
+    keypoints = task == "coco_keypoints"
+    min_kp = cfg.keypoint.min_keypoints_per_image if keypoints else 1
+    train = datasets.register_coco(ctx.data_root, cfg.data.train_split, keypoints, train=True, min_keypoints=min_kp)
+    test = datasets.register_coco(ctx.data_root, cfg.data.test_split, keypoints, train=False)
+    cfg_d2 = build_config(TASK_YAML[task], cfg, weights, ctx, [train], [test], cfg.data.num_workers)
+
+    def evaluator(name: str) -> COCOEvaluator:
+        return COCOEvaluator(name, output_dir=str(ctx.output_dir / "d2_inference"),
+                             max_dets_per_image=cfg_d2.TEST.DETECTIONS_PER_IMAGE)
+
+    run = train_and_evaluate(cfg_d2, weights, ctx, evaluator, log_period=cfg.log_period)
+    if not run:
+        return {}
+    return _finish(coco_metrics(run["results"]), run, cfg_d2, ctx)
+
+
+def register() -> None:
+    register_engine("voc0712_det", "detectron2")(run_voc)
+    register_engine("voc07_det", "detectron2")(run_voc)
+    for task in COCO_TASKS:
+        register_engine(task, "detectron2")(lambda cfg, weights, ctx, _t=task: _run_coco(_t, cfg, weights, ctx))
