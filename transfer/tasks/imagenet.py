@@ -38,6 +38,7 @@ class LinearOptimConfig:
     lr_steps: List[int] = field(default_factory=lambda: [60, 80])  # epochs at which lr *= lr_gamma
     lr_gamma: float = 0.1
     eval_every: int = run_setting(10)  # epochs between (logged) val evaluations; the last epoch is always evaluated
+    checkpoint_every: int = run_setting(1000)  # iterations between mid-epoch checkpoints (0: end of epochs only)
 
 
 @dataclass(frozen=True)

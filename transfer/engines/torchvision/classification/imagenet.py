@@ -9,7 +9,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
 from pretrain.data.augment import ToBGR, eval_transform
@@ -17,11 +17,13 @@ from pretrain.data.folder import DatasetLayoutError, LabelledImages
 from pretrain.knn import knn_scores_from_topk, knn_topk, topk_accuracy
 from pretrain.resnet import PooledBackbone
 from pretrain.utils import dist
+from pretrain.utils.config import protocol_dict
 from pretrain.utils.io import atomic_write_json
 from transfer.context import TrialContext
 from transfer.engines.torchvision.backbone import build_backbone_resnet, load_resnet_weights
 from transfer.engines.torchvision.classification.feature_cache import dataset_fingerprint, get_or_extract
-from transfer.engines.torchvision.classification.linear import (attach_linear_head, backbone_digest,
+from transfer.engines.torchvision.classification.linear import (EpochSamples, ResumableDistributedSampler,
+                                                                 attach_linear_head, backbone_digest,
                                                                  probe_with_wd_sweep, train_linear)
 from transfer.registry import register_engine
 from transfer.tasks.imagenet import FastLinearTaskConfig, ImageNetDataConfig, KnnTaskConfig, LinearTaskConfig
@@ -130,23 +132,28 @@ def cached_features(cfg, weights: BackboneWeights, ctx: TrialContext, views: int
 
 @register_engine("imagenet_linear", "torchvision")
 def run_linear(cfg: LinearTaskConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
-    """The full protocol; checkpoints ``linear_checkpoint.pth`` in ``ctx.output_dir`` every epoch and resumes."""
+    """The full protocol; checkpoints ``linear_checkpoint.pth`` in ``ctx.output_dir`` every
+    ``optim.checkpoint_every`` iterations and every epoch, and resumes from it (bit-identical on CPU)."""
     if cfg.optim.batch_size % ctx.world_size:
         raise ValueError(f"batch_size {cfg.optim.batch_size} is not divisible by world size {ctx.world_size}")
     train_ds, val_ds = load_splits(cfg.data, ctx, train_tf(cfg.data, weights), eval_tf(cfg.data, weights))
     torch.manual_seed(ctx.seed)  # the head's N(0, 0.01) init and the augmentations
     model = attach_linear_head(build_backbone_resnet(weights), len(train_ds.classes))
     load_resnet_weights(model, weights)  # after attach: the head is fresh, exactly fc.* is missing
-    sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=ctx.seed)
     per_rank = cfg.optim.batch_size // ctx.world_size
+    sampler = ResumableDistributedSampler(train_ds, per_rank, num_replicas=ctx.world_size, rank=ctx.rank,
+                                          shuffle=True, seed=ctx.seed)
     pin = ctx.device.type == "cuda"
-    train_loader = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.data.workers,
-                              pin_memory=pin, persistent_workers=cfg.data.workers > 0)
+    # augmentations seeded per (seed, epoch, image), the loader's own generator: resumable bit for bit
+    train_loader = DataLoader(EpochSamples(train_ds, ctx.seed), batch_size=per_rank, sampler=sampler,
+                              num_workers=cfg.data.workers, pin_memory=pin, persistent_workers=cfg.data.workers > 0,
+                              generator=torch.Generator().manual_seed(ctx.seed))
     # every val image exactly once over the ranks (no DistributedSampler padding)
     val_part = Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world_size))
     val_loader = DataLoader(val_part, batch_size=per_rank, num_workers=cfg.data.workers, pin_memory=pin)
+    protocol = {"config": protocol_dict(cfg), "seed": ctx.seed, "world_size": ctx.world_size}
     metrics, history = train_linear(model, train_loader, val_loader, cfg.optim, ctx.device,
-                                    checkpoint=Path(ctx.output_dir) / "linear_checkpoint.pth")
+                                    checkpoint=Path(ctx.output_dir) / "linear_checkpoint.pth", protocol=protocol)
     if dist.is_main():
         atomic_write_json(Path(ctx.output_dir) / "history.json", history)
     return metrics

@@ -18,9 +18,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from pretrain.data.augment import sample_rng
 from pretrain.knn import topk_accuracy
 from pretrain.schedule import step_lr
 from pretrain.utils import dist
@@ -33,6 +34,46 @@ log = logging.getLogger(__name__)
 
 class BackboneChangedError(RuntimeError):
     """A backbone tensor or BN buffer changed during linear training."""
+
+
+class ProtocolChangedError(RuntimeError):
+    """A trial's checkpoint was written with another protocol (config, seed or world size)."""
+
+
+class EpochSamples(Dataset):
+    """``dataset[(index, epoch)]``: ``base[index]`` with its random augmentation seeded by (seed, epoch, index),
+    so that an image's crop depends on nothing else: the same on any worker count and after a resume."""
+
+    def __init__(self, base: Dataset, seed: int):
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Tuple[int, int]):
+        index, epoch = key
+        with sample_rng(self.seed, epoch, index):
+            return self.base[index]
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` (main_lincls.py's order and padding) yielding ``(index, epoch)`` keys for
+    :class:`EpochSamples`; ``set_epoch(epoch, start_iter)`` skips the batches a resumed run has done."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.batch_size, self.start_iter = batch_size, 0
+
+    def set_epoch(self, epoch: int, start_iter: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start_iter = start_iter
+
+    def __iter__(self):
+        skip = self.start_iter * self.batch_size
+        return iter([(int(i), self.epoch) for i in list(super().__iter__())[skip:]])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start_iter * self.batch_size)
 
 
 def backbone_digest(model: nn.Module) -> str:
@@ -73,13 +114,18 @@ def train_linear(
     optim: LinearOptimConfig,
     device: torch.device,
     checkpoint: Optional[Path] = None,
+    protocol: Optional[dict] = None,
 ) -> Tuple[Dict[str, float], List[dict]]:
     """Train ``model.fc`` (set by :func:`attach_linear_head`) with the backbone frozen and in eval mode.
 
-    ``train_loader`` yields ``(images (B, 3, H, W), labels (B,))``; if its sampler has ``set_epoch``
-    (DistributedSampler) it is called every epoch. ``checkpoint``: saved atomically after every epoch
-    by rank 0 and resumed from when present. Returns the final val metrics ``{"top1", "top5"}`` and a
-    per-epoch history ``[{"epoch", "lr" (read from the optimizer), "loss"}]``.
+    ``train_loader`` yields ``(images (B, 3, H, W), labels (B,))``; its sampler's ``set_epoch`` is called every
+    epoch (with the batches to skip on a mid-epoch resume when it is a :class:`ResumableDistributedSampler`).
+    ``checkpoint``: written atomically by rank 0 every ``optim.checkpoint_every`` iterations and at the end
+    of each epoch (head, optimizer, epoch, iteration, the epoch's running loss, history), and resumed from
+    when present; a checkpoint of another ``protocol`` is refused. No RNG state is needed: the backbone is
+    frozen (its BN statistics too, asserted) and each sample's augmentation is seeded by (seed, epoch, index)
+    (:class:`EpochSamples`), so a killed and resumed run ends with the same head as an uninterrupted one.
+    Returns the final val metrics ``{"top1", "top5"}`` and a per-epoch history ``[{"epoch", "lr", "loss"}]``.
     """
     model.to(device)
     digest = backbone_digest(model)
@@ -92,24 +138,45 @@ def train_linear(
     assert len(params) == 2, "only the linear head (fc.weight, fc.bias) may be trained"
     opt = torch.optim.SGD(params, lr=optim.base_lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
-    start, history = 0, []
+    start, start_iter, history = 0, 0, []
+    resumed_sum, resumed_n = torch.zeros(()), 0
     if checkpoint is not None and checkpoint.is_file():
         ckpt = safe_torch_load(checkpoint, map_location=device)
         if ckpt["backbone_digest"] != digest:
             raise BackboneChangedError(f"{checkpoint} was trained on a different backbone; delete it to restart")
+        if protocol is not None and ckpt.get("protocol") != protocol:
+            old = ckpt.get("protocol") or {}
+            diff = sorted(k for k in set(old) | set(protocol) if old.get(k) != protocol.get(k))
+            raise ProtocolChangedError(f"{checkpoint} was written with another protocol (differs in: "
+                                       f"{', '.join(diff) or 'unknown'}); delete it or choose another --output")
         model.fc.load_state_dict(ckpt["fc"])
         opt.load_state_dict(ckpt["optimizer"])
-        start, history = int(ckpt["epoch"]), list(ckpt["history"])
-        log.info("resumed linear training from %s after %d epochs", checkpoint, start)
+        start, start_iter, history = int(ckpt["epoch"]), int(ckpt.get("iteration", 0)), list(ckpt["history"])
+        resumed_sum, resumed_n = ckpt.get("loss_sum", torch.zeros(())), int(ckpt.get("seen", 0))
+        log.info("resumed linear training from %s after %d epochs and %d iterations", checkpoint, start, start_iter)
+
+    def save(epoch: int, iteration: int, loss_sum: torch.Tensor, seen: int) -> None:
+        if checkpoint is not None and dist.is_main():
+            atomic_torch_save({"epoch": epoch, "iteration": iteration, "fc": model.fc.state_dict(),
+                               "optimizer": opt.state_dict(), "backbone_digest": digest, "history": history,
+                               "loss_sum": loss_sum.detach().cpu(), "seen": seen, "protocol": protocol}, checkpoint)
 
     metrics: Dict[str, float] = {}
+    every = getattr(optim, "checkpoint_every", 0)
     for epoch in range(start, optim.epochs):
         for group in opt.param_groups:
             group["lr"] = step_lr(optim.base_lr, epoch, optim.lr_steps, optim.lr_gamma)
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        sampler = train_loader.sampler
+        skip = start_iter if epoch == start else 0
+        if isinstance(sampler, ResumableDistributedSampler):
+            sampler.set_epoch(epoch, skip)
+        elif hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # type: ignore[union-attr]
+            skip = 0
         net.eval()  # frozen BN statistics: the model is never put in train mode (main_lincls.py)
-        loss_sum, n = torch.zeros((), device=device), 0  # on the device: no host sync per step
+        # on the device: no host sync per step
+        loss_sum = (resumed_sum if skip else torch.zeros(())).to(device)
+        n, it = (resumed_n if skip else 0), skip
         bar = tqdm(train_loader, desc=f"linear epoch {epoch}", disable=not dist.is_main(), leave=False)
         for images, target in bar:
             target = target.to(device, non_blocking=True)
@@ -119,6 +186,9 @@ def train_linear(
             opt.step()
             loss_sum += loss.detach() * len(target)
             n += len(target)
+            it += 1
+            if every > 0 and it % every == 0:
+                save(epoch, it, loss_sum, n)
         history.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(loss_sum) / max(n, 1)})
         last = epoch + 1 == optim.epochs
         if last or (optim.eval_every > 0 and (epoch + 1) % optim.eval_every == 0):
@@ -127,9 +197,7 @@ def train_linear(
         h = history[-1]
         acc = f"  top1 {h['top1']:.2f}  top5 {h['top5']:.2f}" if "top1" in h else ""
         log.info("linear epoch %d/%d  loss %.4f  lr %.3g%s", epoch + 1, optim.epochs, h["loss"], h["lr"], acc)
-        if checkpoint is not None and dist.is_main():
-            atomic_torch_save({"epoch": epoch + 1, "fc": model.fc.state_dict(), "optimizer": opt.state_dict(),
-                               "backbone_digest": digest, "history": history}, checkpoint)
+        save(epoch + 1, 0, torch.zeros(()), 0)
         dist.barrier()
 
     if not metrics:  # resumed after the last epoch: evaluate again rather than return nothing
