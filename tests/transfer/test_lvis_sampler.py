@@ -32,17 +32,20 @@ def test_factors_of_a_hand_made_frequency_table():
 
 
 def test_epoch_length_and_stochastic_rounding():
-    factors = torch.tensor([1.0, 1.5, 2.25, 3.0])
+    # 4 x 5000 images with factors 1, 1.5, 2.25, 3: each epoch repeats an image floor(r) times plus once more
+    # with probability frac(r), so an image appears floor(r) or floor(r) + 1 times and E[length] = sum(r)
+    factors = torch.tensor([1.0, 1.5, 2.25, 3.0]).repeat_interleave(5000)
     s = RepeatFactorSampler(factors, seed=0)
     g = torch.Generator().manual_seed(1)
-    epochs = [s.epoch_indices(g) for _ in range(2000)]
-    lengths = torch.tensor([len(e) for e in epochs], dtype=torch.float64)
-    # each epoch: floor parts always, fractional parts by a fresh Bernoulli draw -> E[length] = sum(factors)
-    assert set(lengths.tolist()) <= {7.0, 8.0, 9.0}  # 1 + 1 + 2 + 3 = 7, plus 0, 1 or 2 extra
-    assert lengths.mean().item() == pytest.approx(float(factors.sum()), abs=0.05)
-    counts = torch.stack([torch.bincount(e, minlength=4) for e in epochs]).double().mean(0)
-    assert counts.tolist() == pytest.approx(factors.tolist(), abs=0.05)
-    assert all(e[0].item() == 0 for e in epochs)  # unshuffled epoch: index order
+    first, second = s.epoch_indices(g), s.epoch_indices(g)
+    for epoch in (first, second):
+        counts = torch.bincount(epoch, minlength=len(factors)).view(4, 5000)
+        assert [sorted(set(c.tolist())) for c in counts] == [[1], [1, 2], [2, 3], [3]]
+        # per group of 5000, the extra copies are Bernoulli(frac): 2500 and 1250 expected (std 35 and 31)
+        assert counts.sum(1).tolist() == pytest.approx([5000, 7500, 11250, 15000], abs=150)
+        assert len(epoch) == pytest.approx(float(factors.sum()), abs=250)
+        assert torch.equal(epoch, epoch.sort().values)  # unshuffled: index order
+    assert not torch.equal(torch.bincount(first), torch.bincount(second))  # a fresh draw each epoch
 
 
 def test_processes_share_one_endless_stream():
@@ -90,3 +93,15 @@ def test_frozen_bn_backbone_is_fixed_and_fpn_bn_trains():
     with pytest.raises(ValueError, match="backbone_norm"):
         build_rcnn_fpn(weights, 3, FPNConfig(backbone_norm="GN"))
     assert math.isfinite(float(sum(losses.values())))
+
+
+def test_the_detection_loader_draws_from_the_given_sampler():
+    from transfer.engines.torchvision.detection.samplers import infinite_loader
+
+    factors = torch.tensor([4.0] + [1.0] * 9)
+    batches = infinite_loader(list(range(10)), 2, seed=0, num_workers=0, collate_fn=list,
+                              sampler=RepeatFactorSampler(factors, seed=0))
+    drawn = torch.bincount(torch.tensor([i for _ in range(65) for i in next(batches)]), minlength=10)
+    assert drawn[0] == 4 * drawn[1:].max() == 4 * drawn[1:].min()  # 10 whole epochs of 13: image 0 four times each
+    plain = infinite_loader(list(range(10)), 2, seed=0, num_workers=0, collate_fn=list)
+    assert torch.bincount(torch.tensor([i for _ in range(50) for i in next(plain)])).tolist() == [10] * 10
