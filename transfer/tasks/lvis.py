@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 from pretrain.utils.config import run_setting
 from transfer.registry import PublishedRows, TaskSpec, register_task
 from transfer.tasks.coco import COCO_TRAIN_SIZES
 from transfer.tasks.detection import (FPNConfig, InputConfig, MaskHeadConfig, PrecisionConfig, PreciseBNConfig,
                                       SolverConfig)
-from transfer.tasks.voc_det import effective
+from transfer.tasks.voc_det import effective as _detection_effective
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,13 @@ class LVISConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     seed: int = 0
     log_period: int = run_setting(20)
+
+
+def effective(cfg: LVISConfig, world_size: int) -> Dict[str, object]:
+    """The detection schedule as run, plus the backbone's BN (the report labels frozen-BN rows by it) and
+    the repeat-factor threshold."""
+    return {**_detection_effective(cfg, world_size), "backbone_norm": cfg.model.backbone_norm,
+            "repeat_threshold": cfg.data.repeat_threshold}
 
 
 # the synthetic LVIS of the tests and the smoke preset: the synthetic COCO's images and sizes

@@ -21,8 +21,7 @@ from transfer.engines.torchvision.detection.trainer import fit_detector, orienta
 from transfer.evaluation.coco import instances_to_coco_results
 from transfer.evaluation.lvis import LVISEvaluator
 from transfer.registry import register_engine
-from transfer.tasks.lvis import LVISConfig
-from transfer.tasks.voc_det import effective
+from transfer.tasks.lvis import LVISConfig, effective
 from transfer.weights.resolve import BackboneWeights
 
 log = logging.getLogger(__name__)
