@@ -3,6 +3,7 @@ evaluator fed as Detectron2's CityscapesInstanceEvaluator."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -98,3 +99,23 @@ def test_evaluator_on_hand_built_predictions(root, tmp_path, monkeypatch):
         _predict(records, meta, tmp_path / "partial", skip={records[0]["image_id"]}).evaluate()
     with pytest.raises(ValueError, match="not Cityscapes label names"):
         CityscapesInstanceEvaluator(meta["gt_dir"], tmp_path / "x", ["cat"])
+
+
+def _gloo_worker(rank, world, init_file, root, out_dir):
+    import torch
+    import torch.distributed as torch_dist
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    records, meta = load_cityscapes_instances(root, "val")
+    # each rank writes its share of the images (as the engine's inference loader splits them), rank 0 scores all
+    torch.save(_predict(records[rank::world], meta, Path(out_dir) / "pred").evaluate(), Path(out_dir) / f"rank{rank}.pt")
+    torch_dist.destroy_process_group()
+
+
+def test_two_gloo_processes_write_their_images_and_rank_0_evaluates(root, tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "store"), str(root), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r1 == {} and r0 == pytest.approx({"APmk": 100.0, "APmk50": 100.0})
