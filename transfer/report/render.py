@@ -61,7 +61,7 @@ table.runs tr.failed td { color: #c0161d; } table.runs td.k { white-space: nowra
 """
 
 _KIND_TAG = {"unverified": "UNVERIFIED", "third-party": "THIRD-PARTY"}
-RUN_FILES = ("config.yaml", "log.txt", "metrics.json", "env.json", "error.log", "tensorboard")
+RUN_FILES = ("config.yaml", "log.txt", "metrics.json", "env.json", "error.log", "history.json", "tensorboard")
 
 
 def _href(path: str) -> str:
