@@ -119,3 +119,16 @@ def test_two_gloo_processes_write_their_images_and_rank_0_evaluates(root, tmp_pa
     mp.spawn(_gloo_worker, args=(2, str(tmp_path / "store"), str(root), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r1 == {} and r0 == pytest.approx({"APmk": 100.0, "APmk50": 100.0})
+
+
+def test_dataset_doctor(root, tmp_path):
+    from transfer.doctor import check_task
+
+    report = check_task("cityscapes_instseg", root)
+    assert report.can_run and [f.what for f in report.findings] == ["Cityscapes train", "Cityscapes val"]
+    tree = tmp_path / "cityscapes"
+    shutil.copytree(root / "cityscapes", tree)
+    next((tree / "gtFine" / "val" / "lindau").glob("*_gtFine_instanceIds.png")).unlink()
+    report = check_task("cityscapes_instseg", tmp_path)
+    assert not report.can_run and report.findings[-1].status == "malformed"
+    assert "1 of 6 images have no instance ground truth" in report.findings[-1].detail

@@ -63,3 +63,18 @@ def test_bad_input_is_one_clear_error_naming_the_file(root, tmp_path, edit, mess
     assert str(path) in str(e.value) and "lvis_v0.5_{train,val}.json" in str(e.value)
     with pytest.raises(LVISDataError, match="not found"):
         load_lvis_instances(tmp_path / "missing.json", root / "coco")
+
+
+def test_dataset_doctor(root, tmp_path):
+    from transfer.doctor import check_task
+
+    report = check_task("lvis_v0.5_1x", root)
+    assert report.can_run and [f.detail for f in report.findings][:2] == [
+        "12 images (the real split has 57,263: a subset or an incomplete copy)",
+        "6 images (the real split has 5,000: a subset or an incomplete copy)"]
+    (tmp_path / "lvis").mkdir()
+    _edit(root, tmp_path / "lvis", lambda d: d["annotations"][0].update(category_id=999))
+    (tmp_path / "lvis" / "lvis_v0.5_train.json").write_text(lvis_paths(root, "train")[0].read_text())
+    report = check_task("lvis_v0.5_1x", tmp_path)  # no coco/ images here, and a broken val json
+    assert not report.can_run and [f.status for f in report.findings] == ["missing", "malformed"]
+    assert "coco_url" in report.findings[0].detail and "category_id 999" in report.findings[1].detail

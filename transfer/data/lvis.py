@@ -56,6 +56,12 @@ def read_lvis_json(json_file: Path) -> dict:
         data = json.loads(json_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _error(json_file, f"not a json file ({e})") from None
+    validate_lvis(json_file, data)
+    return data
+
+
+def validate_lvis(json_file: Path, data) -> None:
+    """Raise :class:`LVISDataError` (naming ``json_file``) unless ``data`` is a usable LVIS v0.5 json."""
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations",
                                                                                         "categories")):
         raise _error(json_file, "not an LVIS annotation file (needs lists 'images', 'annotations', 'categories')")
@@ -94,7 +100,6 @@ def read_lvis_json(json_file: Path) -> dict:
             # Detectron2's load_lvis_json asserts every polygon has >= 3 points
             raise _error(json_file, f"annotation {a['id']} has a polygon with fewer than 3 points (or no polygon); "
                                     "LVIS segmentations are lists of [x1, y1, x2, y2, x3, y3, ...]")
-    return data
 
 
 def load_lvis_instances(json_file: Path, coco_root: Path) -> Tuple[List[dict], dict]:

@@ -13,6 +13,7 @@ stated: one trial, ``--trials`` overrides.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pretrain.utils.config import run_setting
 from transfer.registry import PublishedRows, TaskSpec, register_task
@@ -46,6 +47,36 @@ class CityscapesInstConfig:
     log_period: int = run_setting(20)
 
 
+def check_data(data_root: Path, cfg: CityscapesInstConfig, quick: bool):
+    """The dataset doctor's check (``transfer.doctor``): the scanned images of each split, their
+    ``*_gtFine_instanceIds.png``, the split sizes."""
+    from transfer import doctor as d
+    from transfer.data.cityscapes import EXPECTED_LAYOUT, CityscapesDataError, cityscapes_dir, scan_cityscapes
+
+    report = d.DataReport("cityscapes", EXPECTED_LAYOUT)
+    root = cityscapes_dir(data_root)
+    get = (f"download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip (www.cityscapes-dataset.com) and "
+           f"extract them in {root}")
+    for split in (cfg.data.train_split, cfg.data.test_split):
+        what = f"Cityscapes {split}"
+        try:
+            records = scan_cityscapes(data_root, split)
+        except CityscapesDataError as e:
+            missing = not (root / "leftImg8bit" / split).is_dir()
+            report.add(what, d.MISSING if missing else d.MALFORMED, str(e).split("; expected")[0],
+                       d.missing_dir(root / "leftImg8bit" / split, what, get) if missing else get)
+            continue
+        no_gt = [r["instanceIds"] for r in records if not Path(r["instanceIds"]).is_file()]
+        expected = d.DATASET_SIZES.get(f"cityscapes_{split}")
+        if no_gt:
+            report.add(what, d.MALFORMED, f"{len(no_gt)} of {len(records)} images have no instance ground truth "
+                       f"(e.g. {no_gt[0]})", f"extract gtFine ({get})")
+            continue
+        report.add(what, d.count_status(len(records), expected), d.count_text(len(records), expected))
+        d.check_images(report, what, [Path(r["file_name"]) for r in records], quick)
+    return report
+
+
 _METRICS = ("APmk", "APmk50")  # Table 6's Cityscapes instance columns
 register_task(TaskSpec(
     name="cityscapes_instseg", family="instance_segmentation", schema=CityscapesInstConfig,
@@ -53,7 +84,7 @@ register_task(TaskSpec(
     datasets=("cityscapes/leftImg8bit/{train,val}", "cityscapes/gtFine/{train,val} (*_gtFine_instanceIds.png)"),
     description="Mask R-CNN R50-FPN on Cityscapes fine train -> val, 8 thing classes, 24k iters (Detectron2's "
                 "schedule from the pretrained backbone), cityscapesscripts AP",
-    effective=effective, make_synthetic=make_synthetic_cityscapes,
+    effective=effective, make_synthetic=make_synthetic_cityscapes, check_data=check_data,
     published=(PublishedRows("cityscapes_instseg", "MaskRCNN_R50-FPN(?)", ("Table6",), {m: m for m in _METRICS},
                              note="MoCo states no Cityscapes instance recipe; this suite runs Detectron2's "
                                   "Cityscapes schedule from the pretrained backbone (not from a COCO-trained "

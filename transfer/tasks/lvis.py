@@ -68,6 +68,43 @@ def make_synthetic(data_root: Path) -> None:
         make_lvis(Path(data_root), seed=0, **SYNTHETIC)
 
 
+def check_data(data_root: Path, cfg: LVISConfig, quick: bool):
+    """The dataset doctor's check (``transfer.doctor``): both LVIS jsons through the reader's validation, the
+    images their ``coco_url`` names, the split sizes."""
+    from transfer import doctor as d
+    from transfer.data.lvis import LVIS_EXPECTED_LAYOUT, LVISDataError, image_file, lvis_paths, validate_lvis
+
+    report = d.DataReport("lvis", LVIS_EXPECTED_LAYOUT)
+    for split in (cfg.data.train_split, cfg.data.test_split):
+        json_file, coco_root = lvis_paths(data_root, split)
+        what = f"LVIS v0.5 {split}"
+        get = (f"download lvis_v0.5_{split}.json (www.lvisdataset.org/dataset) into {json_file.parent} and COCO's "
+               f"2017 images into {coco_root}")
+        data = d.check_json(report, what, json_file, get)
+        if data is None:
+            continue
+        try:
+            validate_lvis(json_file, data)
+        except LVISDataError as e:
+            report.add(what, d.MALFORMED, str(e).split("; expected")[0], f"replace the file ({get})")
+            continue
+        images = [image_file(coco_root, im["coco_url"]) for im in data["images"]]
+        present = [p for p in images if p.is_file()]
+        expected = d.DATASET_SIZES.get(f"lvis_v0.5_{split}")
+        if not present:
+            report.add(what, d.MISSING, f"none of the {len(images)} images is under {coco_root} (paths from coco_url)",
+                       d.missing_dir(images[0].parent, what, get) if images else get)
+            continue
+        detail = d.count_text(len(images), expected)
+        if len(present) < len(images):
+            report.add(what, d.PARTIAL, f"{detail}, {len(images) - len(present)} of them missing (e.g. "
+                       f"{next(p for p in images if not p.is_file())})", f"extract COCO's 2017 images ({get})")
+        else:
+            report.add(what, d.count_status(len(images), expected), detail)
+        d.check_images(report, what, present, quick)
+    return report
+
+
 _MASK = ("APmk", "APmk50", "APmk75")  # Table 6's LVIS columns
 _DATASETS = ("lvis/lvis_v0.5_{train,val}.json", "coco/train2017", "coco/val2017")
 _FROZEN_NOTE = ("supervised_IN1M_frozenBN is MoCo's dagger row: backbone BN frozen (run it with "
@@ -85,7 +122,8 @@ _PUBLISHED = {
 for _name, _iters, _steps in (("lvis_v0.5_1x", 90000, [60000, 80000]), ("lvis_v0.5_2x", 180000, [120000, 160000])):
     register_task(TaskSpec(
         name=_name, family="instance_segmentation", config_file=f"{_name}.yaml", metrics=_MASK, datasets=_DATASETS,
-        schema=LVISConfig, effective=effective, make_synthetic=make_synthetic, published=(_PUBLISHED[_name],),
+        schema=LVISConfig, effective=effective, make_synthetic=make_synthetic, check_data=check_data,
+        published=(_PUBLISHED[_name],),
         description=f"Mask R-CNN R50-FPN on LVIS v0.5 train -> val, {_name[-2:]} ({_iters // 1000}k iters), "
                     "repeat-factor sampling, federated AP",
         protocol_trials=5))  # "all are averages of 5 trials" (App. A.4)
