@@ -27,9 +27,10 @@ MOCO = [(81.3, 55.9, 62.4), (81.5, 56.1, 62.8), (81.1, 55.7, 62.6)]
 def write_trial(root: Path, weights: str, task: str, trial: int, metrics=None, *, status="ok", cfg="c0ffee11",
                 engine="torchvision", iters=24000, family="detection", sha="ab" * 32, error=None, folder=None,
                 preset="full", arch="resnet50", files=False, git_sha="0123456789abcdef" * 2 + "01234567"):
-    """One ``OUTPUT/<weights>/<task>/trial<k>/metrics.json`` as ``transfer/run_all.py`` writes it (and with
-    ``files``, the rest of a trial folder: config.yaml, env.json, log.txt, tensorboard/)."""
-    d = root / (folder or weights) / task / f"trial{trial}"
+    """One ``OUTPUT/<weights>/<task>/trial<k>/metrics.json`` as ``transfer/run_all.py`` writes it (detectron2
+    trials: ``<task>/detectron2/trial<k>``), and with ``files`` the rest of a trial folder: config.yaml,
+    env.json, log.txt, tensorboard/."""
+    d = root / (folder or weights) / task / ("detectron2" if engine == "detectron2" else "") / f"trial{trial}"
     d.mkdir(parents=True, exist_ok=True)
     if files:
         (d / "config.yaml").write_text("seed: 0\n")

@@ -59,7 +59,7 @@ def test_report_renders_without_horizontal_overflow(tmp_path: Path):
     for weights, base in (("supervised", 38.0), ("moco", 38.6)):
         for k in range(2):
             write_trial(root, weights, "coco_old_recipe", k, {m: base + i + 0.1 * k for i, m in enumerate(coco)},
-                        family="instance_segmentation", iters=90000, folder=f"torchvision/{weights}", preset="smoke",
+                        family="instance_segmentation", iters=90000, preset="smoke",
                         arch="resnet18", sha=f"{len(weights):02d}" * 32)
     html = write_tables(root)["html"]
     probe = html.with_name("report_probe.html")

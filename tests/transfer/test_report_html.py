@@ -31,29 +31,30 @@ MOCO_D2 = [(74.9, 46.1, 49.9)]  # plus a failed trial 1
 def _voc(root: Path, weights: str, values, *, engine: str, preset: str = "full", arch: str = "resnet50"):
     for k, v in enumerate(values):
         write_trial(root, weights, "voc07_det", k, dict(zip(VOC, v)), engine=engine, iters=9000, preset=preset,
-                    arch=arch, folder=f"{engine}/{weights}", files=True, sha=f"{len(weights):02d}" * 32)
+                    arch=arch, files=True, sha=f"{len(weights):02d}" * 32)
 
 
 def make_tree(root: Path, *, preset: str = "full", arch: str = "resnet50") -> Path:
-    """Two engines (separate --output folders), three weights, a failed, a missing and a never-run case."""
+    """Two engines (the runner's layout: detectron2 trials in <task>/detectron2/), three weights, a failed, a
+    missing and a never-run case."""
     _voc(root, "supervised", SUP_TV, engine="torchvision", preset=preset, arch=arch)
     _voc(root, "moco", MOCO_TV, engine="torchvision", preset=preset, arch=arch)
     _voc(root, "supervised", SUP_D2, engine="detectron2", preset=preset, arch=arch)
     _voc(root, "moco", MOCO_D2, engine="detectron2", preset=preset, arch=arch)
     write_trial(root, "moco", "voc07_det", 1, status="failed", error="RuntimeError: CUDA out of memory\ntrace",
-                engine="detectron2", iters=9000, preset=preset, arch=arch, folder="detectron2/moco", files=True,
+                engine="detectron2", iters=9000, preset=preset, arch=arch, files=True,
                 sha="04" * 32)
     for k in range(2):
         write_trial(root, "moco_v1", "voc07_det", k, status="failed", error="ValueError: bad annotation",
-                    iters=9000, preset=preset, arch=arch, folder="torchvision/moco_v1", files=True, sha="07" * 32)
+                    iters=9000, preset=preset, arch=arch, files=True, sha="07" * 32)
     # classification: every Δ exactly 0 (the figure must say so in words); moco never ran imagenet_linear
     for weights in ("supervised", "moco"):
         for task in ("imagenet_linear_fast", "imagenet_knn"):
             write_trial(root, weights, task, 0, dict(zip(CLS, (40.0, 90.0))), family="classification", iters=None,
-                        preset=preset, arch=arch, folder=f"torchvision/{weights}", files=True,
+                        preset=preset, arch=arch, files=True,
                         sha=f"{len(weights):02d}" * 32)
     write_trial(root, "supervised", "imagenet_linear", 0, dict(zip(CLS, (76.0, 93.0))), family="classification",
-                iters=None, preset=preset, arch=arch, folder="torchvision/supervised", files=True, sha="10" * 32)
+                iters=None, preset=preset, arch=arch, files=True, sha="10" * 32)
     return root
 
 
