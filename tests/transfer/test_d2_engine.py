@@ -114,7 +114,11 @@ def test_detectron2_yaml_is_the_task_protocol(task, tmp_path):
             differ[key] = (node_y, node_c)
     assert not differ, f"{TASK_YAML[task]} differs from configs/transfer/{get_task(task).config_file}: {differ}"
     assert cfg.SOLVER.REFERENCE_WORLD_SIZE == 0 and cfg.MODEL.BACKBONE.FREEZE_AT == 0
-    assert cfg.TEST.PRECISE_BN.ENABLED and cfg.MODEL.RESNETS.NORM == "BN"  # one process
+    assert cfg.TEST.PRECISE_BN.ENABLED == hasattr(_task_cfg(task), "precise_bn")  # R-CNN tasks only
+    assert cfg.MODEL.RESNETS.NORM == "BN"  # one process
+    if "semseg" in task:  # FCN-16s: dilated res5, BN in the head too
+        assert cfg.MODEL.RESNETS.RES5_DILATION == 2 and cfg.MODEL.SEM_SEG_HEAD.NORM == "BN"
+        assert cfg.MODEL.SEM_SEG_HEAD.NAME == "FCN16sHead"
     assert yaml_only.MODEL.RESNETS.NORM == "naiveSyncBN"
     assert (cfg.INPUT.FORMAT, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.MODEL.RESNETS.STRIDE_IN_1X1) == \
         ("BGR", [1.0, 2.0, 3.0], [4.0, 5.0, 6.0], True)
@@ -181,3 +185,55 @@ def test_voc_smoke_runs_end_to_end_and_resumes(tmp_path):
     again = json.loads((trial / "metrics.json").read_text())
     assert again["metrics"]["AP50"] == pytest.approx(rec["metrics"]["AP50"])
     assert "resuming the killed trial" in (trial / "log.txt").read_text()
+
+
+@needs_d2
+def test_coco_mask_rcnn_smoke_runs_end_to_end_through_coco_evaluator(tmp_path):
+    """coco_fpn_1x's smoke preset (shrunk further) through Detectron2's COCOEvaluator: every Table 5 column
+    comes back under the suite's names (NaN when the 2-iteration model detects nothing)."""
+    from transfer.cli import main
+
+    out = tmp_path / "results"
+    tiny = [a for a in _TINY_VOC if not a.startswith("model.rpn_post")] + ["model.rpn_post_nms_topk_test=20"]
+    args = ["--weights", "random", "--arch", "resnet18", "--tasks", "coco_fpn_1x", "--engine", "auto",
+            "--preset", "smoke", "--output", str(out), "--device", "cpu", "--no-report", *tiny]
+    assert main(args) == 0
+    rec = json.loads((out / "random-resnet18" / "coco_fpn_1x" / "detectron2" / "trial0" / "metrics.json").read_text())
+    assert rec["status"] == "ok" and rec["engine"] == "detectron2", rec  # auto prefers Detectron2
+    assert set(get_task("coco_fpn_1x").metrics) <= set(rec["metrics"])
+
+
+@needs_d2
+def test_fcn16s_reads_palette_labels_as_indices_and_predicts_at_the_input_size(tmp_path):
+    """Detectron2's DatasetMapper would turn a palette ("P") PNG into luminance; the engine's mapper keeps the
+    stored class indices. The FCN-16s head sits on a stride-16 res5 and answers at the original image size."""
+    import numpy as np
+    from PIL import Image
+    from detectron2.modeling import build_model
+
+    from transfer.data.voc_seg import read_label_png
+    from transfer.engines.detectron2.config import build_config
+    from transfer.engines.detectron2.semseg import SemSegMapper
+
+    load_builtin_tasks()
+    labels = np.zeros((40, 56), dtype=np.uint8)
+    labels[5:20, 10:30], labels[25:, :] = 15, 255  # person, void border
+    png = Image.fromarray(labels, mode="P")
+    png.putpalette([0, 0, 0, 128, 0, 0] + [192, 128, 128] * 14 + [0] * 3 * 240)  # index 15 is (192,128,128)
+    png.save(tmp_path / "a.png")
+    Image.fromarray(np.full((40, 56, 3), 90, dtype=np.uint8)).save(tmp_path / "a.jpg")
+    weights = _resnet_weights("resnet50")
+    cfg = build_config(TASK_YAML["voc_semseg"], _task_cfg("voc_semseg", "smoke"), weights,
+                       _ctx(tmp_path, "voc_semseg"), ["a"], ["b"], 0)
+    rec = {"file_name": str(tmp_path / "a.jpg"), "sem_seg_file_name": str(tmp_path / "a.png"), "image_id": "a"}
+    out = SemSegMapper(cfg, lambda r: read_label_png(r["sem_seg_file_name"]), train=False)(rec)
+    assert torch.equal(out["sem_seg"], torch.from_numpy(labels.astype(np.int64)))
+    train = SemSegMapper(cfg, lambda r: read_label_png(r["sem_seg_file_name"]), train=True)(rec)
+    assert train["sem_seg"].shape == (cfg.INPUT.CROP.SIZE[0],) * 2
+    assert set(train["sem_seg"].unique().tolist()) <= {0, 15, 255}  # nearest resize, ignore padding
+
+    model = build_model(cfg).eval()
+    assert model.backbone.output_shape()["res5"].stride == 16
+    with torch.no_grad():
+        pred = model([out])[0]["sem_seg"]
+    assert pred.shape == (21, 40, 56)

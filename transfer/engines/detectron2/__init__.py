@@ -35,9 +35,10 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from transfer.engines.detectron2 import detection
+    from transfer.engines.detectron2 import detection, semseg
     from transfer.engines.detectron2.modeling import register_modules
 
     register_modules()
     detection.register()
+    semseg.register()
     _registered = True

@@ -64,7 +64,9 @@ def _run_coco(task: str, cfg: Any, weights: BackboneWeights, ctx: TrialContext) 
     cfg_d2 = build_config(TASK_YAML[task], cfg, weights, ctx, [train], [test], cfg.data.num_workers)
 
     def evaluator(name: str) -> COCOEvaluator:
-        return COCOEvaluator(name, output_dir=str(ctx.output_dir / "d2_inference"),
+        # the tasks named, so that a model without detections scores NaN in every column instead of dropping some
+        return COCOEvaluator(name, tasks=("bbox", "keypoints") if keypoints else ("bbox", "segm"),
+                             output_dir=str(ctx.output_dir / "d2_inference"),
                              max_dets_per_image=cfg_d2.TEST.DETECTIONS_PER_IMAGE)
 
     run = train_and_evaluate(cfg_d2, weights, ctx, evaluator, log_period=cfg.log_period)

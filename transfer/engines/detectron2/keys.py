@@ -21,6 +21,8 @@ TASK_YAML = {
     "coco_fpn_1x": "coco_R_50_FPN_1x.yaml",
     "coco_fpn_2x": "coco_R_50_FPN_2x.yaml",
     "coco_keypoints": "keypoint_rcnn_R_50_FPN_2x.yaml",
+    "voc_semseg": "voc_semseg_R_50_FCN16s.yaml",
+    "cityscapes_semseg": "cityscapes_semseg_R_50_FCN16s.yaml",
 }
 
 

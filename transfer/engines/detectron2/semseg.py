@@ -1,0 +1,157 @@
+"""Semantic segmentation on Detectron2 (``voc_semseg``, ``cityscapes_semseg``): MoCo's FCN-16s (App. A.5) as
+Detectron2's ``SemanticSegmentor`` with the suite's ``FCN16sHead`` on a ResNet with ``RES5_DILATION 2``.
+
+Data: the suite's readers (:mod:`transfer.data.voc_seg`, :mod:`transfer.data.cityscapes`). Labels are read as
+stored indices, never through Detectron2's ``DatasetMapper``, which converts palette PNGs to luminance
+(``read_image(..., "L")``). Training augmentation as the built-in engine: a uniform random scale in
+``scale_range``, padding to the crop (the pixel mean for images, the ignore value for labels), a random crop,
+a horizontal flip. Evaluation: VOC through Detectron2's ``SemSegEvaluator`` (mIoU over the classes present in
+the ground truth); Cityscapes through the suite's evaluator, which reproduces cityscapesscripts' class IoU
+(Detectron2's own Cityscapes evaluator imports a Meta-internal module since Dec. 2024: issue #5436).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator, SemSegEvaluator
+
+from transfer.context import TrialContext
+from transfer.engines.detectron2.config import build_config
+from transfer.engines.detectron2.datasets import _register
+from transfer.engines.detectron2.keys import TASK_YAML
+from transfer.engines.detectron2.train import train_and_evaluate
+from transfer.registry import register_engine
+from transfer.weights.resolve import BackboneWeights
+
+log = logging.getLogger(__name__)
+
+
+def _datasets(task: str):
+    """(records loader, label reader, class names) of a task, from the suite's readers."""
+    if task == "voc_semseg":
+        from transfer.data.voc_seg import VOC_SEG_CLASSES, load_voc_seg_records, read_label_png
+
+        return load_voc_seg_records, (lambda r: read_label_png(r["sem_seg_file_name"])), VOC_SEG_CLASSES
+    from transfer.data.cityscapes import CITYSCAPES_CLASSES, load_cityscapes_semseg, read_train_ids
+
+    return load_cityscapes_semseg, read_train_ids, CITYSCAPES_CLASSES
+
+
+class SemSegMapper:
+    """Dataset dict -> ``{"image": (3, H, W) float 0-255 in the input format, "sem_seg": (H, W) int64, ...}``.
+
+    ``train``: App. A.5's augmentation (see the module docstring); otherwise the original size.
+    """
+
+    def __init__(self, cfg, read_label: Callable[[dict], np.ndarray], train: bool):
+        self.read_label, self.train = read_label, train
+        self.bgr = cfg.INPUT.FORMAT == "BGR"
+        self.crop = int(cfg.INPUT.CROP.SIZE[0])
+        self.scale_range = tuple(cfg.INPUT.SEM_SEG_SCALE_RANGE)
+        self.flip = cfg.INPUT.RANDOM_FLIP == "horizontal"
+        self.ignore = int(cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
+        self.mean = torch.tensor(cfg.MODEL.PIXEL_MEAN, dtype=torch.float32).reshape(3, 1, 1)
+
+    def __call__(self, record: dict) -> dict:
+        with Image.open(record["file_name"]) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        label = self.read_label(record)
+        if label.shape != arr.shape[:2]:
+            raise ValueError(f"{record['sem_seg_file_name']}: label {label.shape} and image {arr.shape[:2]} differ")
+        image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()
+        if self.bgr:
+            image = image.flip(0)
+        target = torch.from_numpy(label.astype(np.int64))
+        if self.train:
+            image, target = self._augment(image, target)
+        return {"image": image.contiguous(), "sem_seg": target.contiguous(), "file_name": record["file_name"],
+                "height": int(arr.shape[0]), "width": int(arr.shape[1]), "image_id": record["image_id"]}
+
+    def _augment(self, image: torch.Tensor, label: torch.Tensor):
+        lo, hi = self.scale_range
+        s = lo + (hi - lo) * float(np.random.rand())
+        h, w = image.shape[-2:]
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        ph, pw = max(self.crop - size[0], 0), max(self.crop - size[1], 0)
+        if ph or pw:  # right/bottom: the pixel mean (0 after normalisation), labels ignored
+            image = F.pad(image - self.mean, (0, pw, 0, ph), value=0.0) + self.mean
+            label = F.pad(label, (0, pw, 0, ph), value=self.ignore)
+        h, w = image.shape[-2:]
+        y, x = np.random.randint(h - self.crop + 1), np.random.randint(w - self.crop + 1)
+        image, label = image[:, y:y + self.crop, x:x + self.crop], label[y:y + self.crop, x:x + self.crop]
+        if self.flip and np.random.rand() < 0.5:
+            image, label = image.flip(-1), label.flip(-1)
+        return image, label
+
+
+class SuiteSemSegEvaluator(DatasetEvaluator):
+    """Detectron2's evaluator interface around :class:`transfer.evaluation.semseg.SemSegEvaluator` (the
+    suite's confusion matrix, cityscapesscripts' class IoU), for Cityscapes."""
+
+    def __init__(self, records: List[dict], read_label, classes, ignore_label: int, mean_over: str):
+        from transfer.evaluation.semseg import SemSegEvaluator as Confusion
+
+        self.by_file = {r["file_name"]: r for r in records}
+        self.read_label, self.args = read_label, (len(classes), ignore_label, classes, mean_over)
+        self.confusion = Confusion(*self.args)
+
+    def reset(self) -> None:
+        from transfer.evaluation.semseg import SemSegEvaluator as Confusion
+
+        self.confusion = Confusion(*self.args)
+
+    def process(self, inputs, outputs) -> None:
+        for inp, out in zip(inputs, outputs):
+            pred = out["sem_seg"].argmax(dim=0).cpu()
+            gt = torch.from_numpy(self.read_label(self.by_file[inp["file_name"]]).astype(np.int64))
+            self.confusion.process(pred, gt)
+
+    def evaluate(self) -> Dict[str, Any]:
+        self.confusion.all_reduce()
+        return {"sem_seg": self.confusion.evaluate()}
+
+
+def _run_semseg(task: str, cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
+    load, read_label, classes = _datasets(task)
+    root = Path(ctx.data_root)
+    names = {}
+    for split in (cfg.data.train_split, cfg.data.test_split):
+        names[split] = _register(f"suite_{task}_{split}", lambda s=split: load(root, s),
+                                 stuff_classes=list(classes), ignore_label=cfg.input.ignore_label,
+                                 evaluator_type="sem_seg")
+        DatasetCatalog.get(names[split])  # a missing or malformed dataset fails here, before training
+    cfg_d2 = build_config(TASK_YAML[task], cfg, weights, ctx, [names[cfg.data.train_split]],
+                          [names[cfg.data.test_split]], cfg.data.num_workers)
+
+    def evaluator(name: str) -> DatasetEvaluator:
+        if task == "voc_semseg":  # labels read as stored indices by Detectron2's evaluator too
+            return SemSegEvaluator(name, distributed=True, output_dir=str(ctx.output_dir / "d2_inference"))
+        return SuiteSemSegEvaluator(DatasetCatalog.get(name), read_label, classes, cfg.input.ignore_label,
+                                    "gt_or_pred")
+
+    run = train_and_evaluate(cfg_d2, weights, ctx, evaluator, log_period=cfg.log_period,
+                             train_mapper=SemSegMapper(cfg_d2, read_label, train=True),
+                             test_mapper=SemSegMapper(cfg_d2, read_label, train=False))
+    if not run:
+        return {}
+    res = run["results"]["sem_seg"]
+    metrics = {"mIoU": float(res["mIoU"])}
+    metrics.update({k: float(v) for k, v in res.items() if k in ("mACC", "pACC", "fwIoU")})
+    if run.get("final_loss") is not None:
+        metrics["final_loss"] = run["final_loss"]
+    return metrics
+
+
+def register() -> None:
+    for task in ("voc_semseg", "cityscapes_semseg"):
+        register_engine(task, "detectron2")(lambda cfg, weights, ctx, _t=task: _run_semseg(_t, cfg, weights, ctx))
