@@ -13,6 +13,14 @@ from transfer.data.synthetic.voc import make_vocdevkit
 from transfer.registry import TASKS, TaskSpec, register_task
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is faster on a shared CPU
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
     """A VOCdevkit and an ImageNet tree without defects (copied per test)."""

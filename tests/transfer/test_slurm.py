@@ -55,8 +55,9 @@ def test_local_executor_job_preempted_requeued_and_resumed(tmp_path, monkeypatch
 
     submit = slurm.submit
     monkeypatch.setattr(slurm, "submit", local_submit)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it: no oversubscription of a shared CPU
     out = tmp_path / "res"
-    epochs = 12
+    epochs = 8
     assert main(["--weights", "random", "--arch", "resnet18", "--tasks", "imagenet_linear", "--preset", "smoke",
                  "--data-root", str(data), "--output", str(out), "--no-report", "--launcher", "slurm",
                  "--gpus-per-node", "1", "data.image_size=16", "data.resize_size=16",
