@@ -12,7 +12,8 @@ or a supervised counterpart by name: ``supervised`` (= ``supervised_tv``: torchv
 task only (``voc07_det.solver.iterations=100``); an override no selected task accepts is an error.
 ``--watch PRETRAIN_DIR [--every N] [--poll S] [--once]`` instead of ``--weights``: evaluate each new checkpoint
 of a running pretraining (``transfer/watch.py``). ``--launcher slurm``: submit with submitit instead of running
-here (``pretrain/utils/slurm.py``). Several GPUs / nodes: ``torchrun --nproc_per_node=8 transfer/run_all.py ...`` (nothing is rescaled:
+here (``pretrain/utils/slurm.py``).
+Several GPUs / nodes: ``torchrun --nproc_per_node=8 transfer/run_all.py ...`` (nothing is rescaled:
 set ``solver.batch_size`` yourself if needed; effective values are recorded with every result).
 """
 from __future__ import annotations
@@ -58,7 +59,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="checkpoint / converter output / torchvision or caffe2 file, 'random', 'supervised' "
                         "(= supervised_tv), 'supervised_tv=FILE' or 'supervised_msra=FILE'")
     p.add_argument("--watch", type=Path, default=None, metavar="PRETRAIN_DIR",
-                   help="instead of --weights: evaluate each new checkpoint of a running pretraining (transfer/watch.py)")
+                   help="instead of --weights: evaluate each new checkpoint of a running pretraining "
+                        "(transfer/watch.py)")
     p.add_argument("--every", type=_positive, default=1, help="--watch: checkpoints of epochs that are multiples of N")
     p.add_argument("--poll", type=float, default=300.0, help="--watch: seconds between looks for new checkpoints")
     p.add_argument("--once", action="store_true", help="--watch: evaluate what is there now, then stop")

@@ -13,6 +13,13 @@ trial is recorded (``status: failed``, the error, a traceback in ``error.log``) 
 Trials differ only by seed (``seed + trial``). Batch size, lr and iterations are never rescaled: the
 engine runs what the config says and the effective values are recorded with every result. Each trial
 logs to its own ``log.txt`` as well as to the suite's log.
+
+Before a task, the dataset doctor's quick check (``transfer.doctor``, the task's ``check_data``) fails it in
+seconds with the expected layout and the fix. Unreadable images are skipped and counted
+(``unreadable_images`` in metrics.json); above ``data.max_unreadable_fraction`` the trial fails. When one
+rank of a multi-process trial raises, it publishes its error and aborts its connections, every peer fails
+out of its collective within seconds, all record the first rank's error, and the process group is
+re-formed for the next trial (``pretrain.utils.dist.publish_failure`` / ``reform_group``).
 """
 from __future__ import annotations
 

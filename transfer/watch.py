@@ -33,7 +33,8 @@ STATE = "watch_state.json"
 
 def periodic_checkpoints(pretrain_dir: Path, every: int) -> List[Tuple[int, Path]]:
     """``[(epoch, path)]`` of the run's ``checkpoint_%04d.pth`` files whose epoch is a multiple of ``every``."""
-    found = [(int(m.group(1)), p) for p in Path(pretrain_dir).glob("checkpoint_*.pth") if (m := PERIODIC.search(p.name))]
+    found = [(int(m.group(1)), p) for p in Path(pretrain_dir).glob("checkpoint_*.pth")
+             if (m := PERIODIC.search(p.name))]
     return sorted((e, p) for e, p in found if e % every == 0)
 
 
@@ -95,7 +96,8 @@ def write_progress(output: Path, state: Dict[str, dict], tasks: List[str]) -> Li
         fig, ax = plt.subplots(figsize=(6, 4))
         for t in tasks:
             m = get_task(t).metrics[0]
-            pts = [(e, by_epoch[e]["metrics"][t][m]) for e in sorted(by_epoch) if m in by_epoch[e]["metrics"].get(t, {})]
+            pts = [(e, by_epoch[e]["metrics"][t][m]) for e in sorted(by_epoch)
+                   if m in by_epoch[e]["metrics"].get(t, {})]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{t} {m}")
         ax.set_xlabel("pretraining epoch")

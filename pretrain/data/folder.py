@@ -85,7 +85,8 @@ class UnreadableImages:
         n = int(self.flags.sum())
         if n > self.limit:
             raise TooManyUnreadableImages(f"{n} of {len(self.paths)} images are unreadable (more than the "
-                                          f"{self.limit} allowed by data.max_unreadable_fraction), e.g. {self.paths[i]}")
+                                          f"{self.limit} allowed by data.max_unreadable_fraction), "
+                                          f"e.g. {self.paths[i]}")
 
     def read(self, i: int, open_fn: Callable[[int], object]) -> tuple[int, object]:
         """``(j, open_fn(j))`` for the first readable sample ``j`` from ``i`` on (wrapping): a stand-in keeps

@@ -19,7 +19,8 @@ pytest.importorskip("submitit")
 def test_dry_run_prints_one_job_per_task_and_submits_nothing(tmp_path, capsys):
     code = main(["--weights", "random", "--tasks", "voc07_det,imagenet_knn", "--output", str(tmp_path),
                  "--launcher", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--partition", "learnfair",
-                 "--time", "600", "--account", "moco", "--constraint", "volta32gb", "--dry-run", "solver.iterations=10"])
+                 "--time", "600", "--account", "moco", "--constraint", "volta32gb", "--dry-run",
+                 "solver.iterations=10"])
     out = capsys.readouterr().out
     assert code == 0 and not (tmp_path / "slurm").exists()
     jobs = [line for line in out.splitlines() if line.startswith("job ")]

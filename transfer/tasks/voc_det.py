@@ -138,5 +138,6 @@ for _name, _file, _sets, _desc in (
 ):
     register_task(TaskSpec(name=_name, family="detection", schema=VOCDetConfig, config_file=_file,
                            metrics=("AP50", "AP", "AP75"), datasets=_sets, description=_desc,
-                           effective=effective, make_synthetic=make_synthetic, check_data=check_data, published=(_PUBLISHED[_name],),
+                           effective=effective, make_synthetic=make_synthetic, check_data=check_data,
+                           published=(_PUBLISHED[_name],),
                            protocol_trials=5))  # "mean of 5 trials" (MoCo, Sec. 4.2 / detection README)
