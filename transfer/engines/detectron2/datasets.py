@@ -18,7 +18,7 @@ from detectron2.structures import BoxMode
 from transfer.data.voc import VOC_CLASSES, load_voc_sets, parse_set_name, voc_dir
 
 
-def _register(name: str, loader: Callable[[], List[dict]], **metadata) -> str:
+def register_dataset(name: str, loader: Callable[[], List[dict]], **metadata) -> str:
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
     if name in MetadataCatalog.list():
@@ -45,18 +45,18 @@ def register_voc(data_root: Path, set_name: str, use_difficult: bool = True) -> 
     (11-point AP for 2007, as the devkit), which reads the XML files under ``dirname`` itself."""
     year, split = parse_set_name(set_name)
     data_root = Path(data_root)
-    return _register(f"suite_voc_{set_name}", lambda: voc_dicts(data_root, set_name, use_difficult),
+    return register_dataset(f"suite_voc_{set_name}", lambda: voc_dicts(data_root, set_name, use_difficult),
                      thing_classes=list(VOC_CLASSES), dirname=str(voc_dir(data_root, year)), year=int(year),
                      split=split, evaluator_type="pascal_voc")
 
 
-def coco_dicts(data_root: Path, split: str, keypoints: bool, train: bool) -> List[dict]:
-    from transfer.data.coco import coco_paths, filter_for_training, load_coco_instances
+def coco_dicts(data_root: Path, split: str, keypoints: bool) -> List[dict]:
+    """Detectron2 dataset dicts of a COCO json (the suite's reader follows Detectron2's ``load_coco_json``;
+    boxes are absolute ``XYXY_ABS``, categories contiguous)."""
+    from transfer.data.coco import coco_paths, load_coco_instances
 
     json_file, image_root = coco_paths(data_root, split, keypoints=keypoints)
     records, _ = load_coco_instances(json_file, image_root, keypoints=keypoints)
-    if train:
-        records = filter_for_training(records, keypoints=keypoints)
     for r in records:
         for a in r["annotations"]:
             a["bbox_mode"] = BoxMode.XYXY_ABS
@@ -80,10 +80,10 @@ def register_coco(data_root: Path, split: str, keypoints: bool, train: bool, min
     def load() -> List[dict]:
         from transfer.data.coco import filter_for_training
 
-        recs = coco_dicts(data_root, split, keypoints, train=False)
+        recs = coco_dicts(data_root, split, keypoints)
         return filter_for_training(recs, keypoints=keypoints, min_keypoints=min_keypoints) if train else recs
 
-    return _register(name, load, thing_classes=meta["thing_classes"], json_file=str(json_file),
+    return register_dataset(name, load, thing_classes=meta["thing_classes"], json_file=str(json_file),
                      image_root=str(image_root), evaluator_type="coco",
                      thing_dataset_id_to_contiguous_id={v: k for k, v in meta["contiguous_to_coco_id"].items()},
                      **extra)

@@ -41,7 +41,7 @@ def coco_metrics(results: Dict[str, Dict[str, float]]) -> Dict[str, float]:
 def _finish(metrics: Dict[str, float], run: Dict[str, Any], cfg_d2, ctx: TrialContext) -> Dict[str, float]:
     if run.get("final_loss") is not None and math.isfinite(run["final_loss"]):
         metrics["final_loss"] = run["final_loss"]
-    log.info("detectron2 effective values: %s", effective_values(cfg_d2, ctx.world_size))
+    log.info("detectron2 effective values (also in d2_effective.json): %s", effective_values(cfg_d2, ctx.world_size))
     return metrics
 
 

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator, SemSegEvaluator
 
 from transfer.context import TrialContext
 from transfer.engines.detectron2.config import build_config
-from transfer.engines.detectron2.datasets import _register
+from transfer.engines.detectron2.datasets import register_dataset
 from transfer.engines.detectron2.keys import TASK_YAML
 from transfer.engines.detectron2.train import train_and_evaluate
 from transfer.registry import register_engine
@@ -126,7 +126,7 @@ def _run_semseg(task: str, cfg: Any, weights: BackboneWeights, ctx: TrialContext
     root = Path(ctx.data_root)
     names = {}
     for split in (cfg.data.train_split, cfg.data.test_split):
-        names[split] = _register(f"suite_{task}_{split}", lambda s=split: load(root, s),
+        names[split] = register_dataset(f"suite_{task}_{split}", lambda s=split: load(root, s),
                                  stuff_classes=list(classes), ignore_label=cfg.input.ignore_label,
                                  evaluator_type="sem_seg")
         DatasetCatalog.get(names[split])  # a missing or malformed dataset fails here, before training

@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
-import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -32,8 +31,9 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
-from pretrain.utils.io import atomic_write_text
+from pretrain.utils.io import atomic_write_json, atomic_write_text
 from transfer.context import TrialContext
+from transfer.engines.detectron2.config import effective_values
 from transfer.engines.detectron2.modeling import load_backbone
 from transfer.weights.resolve import BackboneWeights
 
@@ -76,6 +76,7 @@ def train_and_evaluate(cfg: CfgNode, weights: BackboneWeights, ctx: TrialContext
     if comm.is_main_process():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "d2_config.yaml", cfg.dump())
+        atomic_write_json(out / "d2_effective.json", effective_values(cfg, ctx.world_size))
     comm.synchronize()
 
     model = build_model(cfg)  # on cfg.MODEL.DEVICE
