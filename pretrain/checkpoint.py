@@ -2,8 +2,9 @@
 
 Layout: ``{"epoch", "arch", "state_dict" (module.encoder_q.*, module.encoder_k.*, module.queue,
 module.queue_ptr), "optimizer"}`` plus this project's extras ``config``, ``global_step``, ``rng`` and
-``sampler``. The ``module.`` prefix is always written (the official code saves a DDP-wrapped model).
-Only tensors and plain containers are stored, so ``weights_only=True`` loading works.
+``sampler`` (class folders: epoch and iteration; tar shards also ``streams``: every stream's position,
+see ``pretrain/data/shards.py``). The ``module.`` prefix is always written (the official code saves a
+DDP-wrapped model). Only tensors and plain containers are stored, so ``weights_only=True`` loading works.
 """
 from __future__ import annotations
 
@@ -107,6 +108,7 @@ class ResumePoint:
     start_iter: int  # iteration within that epoch
     global_step: int
     official: bool  # made by the official code (no extras)
+    streams: dict | None = None  # tar-shard runs: StreamTracker.state() of the last consumed batches
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, arch: str,
@@ -129,4 +131,5 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     sampler = ckpt.get("sampler") or {}
     epoch, start_iter = int(sampler.get("epoch", ckpt["epoch"])), int(sampler.get("start_iter", 0))
     default_step = epoch * iters_per_epoch if iters_per_epoch else 0
-    return ResumePoint(epoch, start_iter, int(ckpt.get("global_step", default_step)), "config" not in ckpt)
+    return ResumePoint(epoch, start_iter, int(ckpt.get("global_step", default_step)), "config" not in ckpt,
+                       sampler.get("streams"))

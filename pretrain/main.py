@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pretrain import checkpoint as ckpt_io
 from pretrain.config import PretrainConfig, check_run, effective_lr, effective_summary, per_process_batch
 from pretrain.data.loader import build_pretrain_loader
+from pretrain.data.shards import StreamTracker
 from pretrain.engine import train_one_epoch
 from pretrain.moco import build_moco
 from pretrain.resnet import PooledBackbone
@@ -93,8 +94,13 @@ def main(cfg: PretrainConfig) -> dict:
         start = ckpt_io.load_checkpoint(resume, moco, optimizer, cfg.model.arch, iters_per_epoch)
         log.info("resumed from %s at epoch %d iter %d (step %d)%s", resume, start.epoch, start.start_iter,
                  start.global_step, " [official checkpoint]" if start.official else "")
-    if sampler is None:
-        dataset.set_position(start.global_step)  # shard streams: reseed from the step (see data/shards.py)
+    tracker = StreamTracker(cfg.data.workers) if sampler is None else None
+    if tracker is not None:  # shard streams continue where the consumed batches stopped (data/shards.py)
+        if start.streams is not None:
+            tracker.load(start.streams, resume)
+        elif start.global_step:
+            log.warning("%s has no shard stream positions: the streams start again from their beginning", resume)
+        dataset.set_position(tracker.positions, tracker.next_worker)
 
     eff = effective_summary(cfg, ws, iters_per_epoch, str(device))
     log.info("effective: %s", eff)
@@ -117,10 +123,12 @@ def main(cfg: PretrainConfig) -> dict:
     state = {"step": start.global_step, "skipped": 0}
 
     def save(name: str, epoch: int, start_iter: int) -> None:
+        position = {"epoch": epoch, "start_iter": start_iter}
+        if tracker is not None:
+            position["streams"] = tracker.state()  # a collective: every rank's stream positions
         if dist.is_main():
             ckpt_io.save_checkpoint(out / name, model=moco, optimizer=optimizer, epoch=epoch, arch=cfg.model.arch,
-                                    config=config_dict, global_step=state["step"],
-                                    sampler={"epoch": epoch, "start_iter": start_iter})
+                                    config=config_dict, global_step=state["step"], sampler=position)
         dist.barrier()
 
     def epoch_len(epoch: int) -> int:
@@ -132,7 +140,7 @@ def main(cfg: PretrainConfig) -> dict:
         if every > 0 and step % every == 0 and it < epoch_len(epoch):  # the epoch end saves anyway
             save(ckpt_io.LAST, epoch, it)
 
-    shard_iter = iter(loader) if sampler is None else None
+    shard_iter = tracker.consume(iter(loader)) if tracker is not None else None
     stats: dict = {}
     run_start = time.perf_counter()
     for epoch in range(start.epoch, num_epochs):

@@ -47,7 +47,8 @@ class ResumableSampler(Sampler):
 
 
 def build_pretrain_loader(cfg, local_batch: int) -> tuple[DataLoader, ResumableSampler | None, object]:
-    """Loader of ``(im_q (B,3,S,S), im_k (B,3,S,S), skipped (B,))`` for ``cfg.data``.
+    """Loader of ``(im_q (B,3,S,S), im_k (B,3,S,S), skipped (B,))`` for ``cfg.data``; tar shards add each
+    sample's stream position ``(B, 4)`` (for :class:`pretrain.data.shards.StreamTracker`).
 
     Returns ``(loader, sampler or None for shards, dataset)``.
     """

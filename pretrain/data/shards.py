@@ -1,10 +1,28 @@
-"""IG-1B-style streams: webdataset tar shards (local paths or URLs) split across nodes and workers.
+"""IG-1B-style streams: webdataset tar shards (local paths or URLs) split across nodes and workers,
+resumable exactly.
 
-Shards are assigned round-robin to (rank, worker) streams when there are at least as many shards as
-streams, otherwise every stream reads all shards in its own random order. Each stream cycles its shards
-forever in a fresh order per pass (iteration-based schedule, no epochs). Corrupt samples are skipped and
-counted like unreadable files in class folders. Resume reseeds the stream from the global step: the
-stream continues with fresh samples but not bit-identically (shards have no random access).
+Streams. Shards are assigned round-robin to the ``world_size * workers`` (rank, worker) streams when
+there are at least as many shards as streams, otherwise every stream reads all shards in its own order.
+Each stream cycles its shards forever (iteration-based schedule, no epochs), pass ``p`` in the order
+``shuffle(shards, seed, stream, p)``.
+
+Shuffling and its statistics. Samples are shuffled by a buffer of ``shuffle_buffer`` samples that is
+filled from the current shard only and drained at the shard's end, with a generator seeded by (seed,
+stream, pass, shard position): samples never mix across shards, a buffer at least as large as a shard
+gives a uniform permutation of that shard, and a smaller one a windowed shuffle (a sample leaves at
+most ``shuffle_buffer - 1`` places before its place in the file, the tail of a shard less shuffled).
+Mixing across the data comes from the per-pass shard order, so shards must hold images in random order
+(as webdataset shards of a crawl usually do). Each pass yields every readable sample of the stream's
+shards once.
+
+Exact resume. A sample's place is ``(pass, shard position, index within the shuffled shard)`` and its
+views depend only on that (and the seed), so a stream restarts anywhere by re-reading the current shard
+from its start and dropping (undecoded) the samples already yielded: no state but three integers per
+stream, and no replay beyond one shard. Every sample carries ``(worker, pass, shard position, index + 1)``
+into the batch, the loop's :class:`StreamTracker` keeps the last consumed one per worker (workers read
+ahead: the batches still in flight are dropped and made again), and which worker's batch is next: the
+loader serves workers round-robin, so on resume worker ``w`` plays stream ``(w + next) % workers``.
+Corrupt samples are skipped and counted like unreadable files in class folders.
 """
 from __future__ import annotations
 
@@ -12,7 +30,7 @@ import io
 import logging
 import os
 import random
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -22,6 +40,7 @@ from webdataset.tariterators import tarfile_samples
 
 from pretrain.data.augment import sample_rng
 from pretrain.utils import dist
+from pretrain.utils.io import CheckpointError
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -41,8 +60,30 @@ def _log_and_continue(exn: Exception) -> bool:
     return True
 
 
+def _rng(*keys: int) -> random.Random:
+    return random.Random(hash(tuple(int(k) for k in keys)))  # hash of ints: the same in every process
+
+
+def shuffled_shard(url: str, buffer_size: int, rng: random.Random) -> Iterator[dict]:
+    """The samples of one shard through a shuffle buffer of ``buffer_size`` that is drained at the end."""
+    buf: list[dict] = []
+    for sample in tarfile_samples([{"url": url}], handler=_log_and_continue):
+        buf.append(sample)
+        if len(buf) >= buffer_size:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    while buf:
+        i = rng.randrange(len(buf))
+        buf[i], buf[-1] = buf[-1], buf[i]
+        yield buf.pop()
+
+
 class ShardPairs(IterableDataset):
-    """Endless stream of ``(im_q, im_k, skipped)`` from tar shards; see the module docstring."""
+    """Endless stream of ``(im_q, im_k, skipped, position)`` from tar shards; see the module docstring.
+
+    ``position``: int64 ``(worker, pass, shard position, samples of that shard done)``.
+    """
 
     def __init__(self, pattern: str | Sequence[str], transform: Callable, seed: int = 0,
                  shuffle_buffer: int = 1000) -> None:
@@ -51,52 +92,94 @@ class ShardPairs(IterableDataset):
         missing = [u for u in local if not os.path.isfile(u)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} shard file(s) not found, e.g. {missing[0]}")
-        self.transform, self.seed, self.shuffle_buffer = transform, seed, shuffle_buffer
-        self.start_step = 0
+        self.transform, self.seed, self.shuffle_buffer = transform, seed, max(1, shuffle_buffer)
+        self.positions: torch.Tensor | None = None  # (workers, 3) start per stream of this rank
+        self.next_worker = 0
 
-    def set_position(self, global_step: int) -> None:
-        """Resume: reseed the streams from the global step (called before the loader is iterated)."""
-        self.start_step = global_step
+    def set_position(self, positions: torch.Tensor | None, next_worker: int = 0) -> None:
+        """Resume: this rank's streams start at ``positions`` ((workers, 3): pass, shard position,
+        samples done) and the loader's worker 0 plays stream ``next_worker``. Call before ``iter(loader)``."""
+        self.positions, self.next_worker = positions, next_worker
 
-    def _stream_id(self) -> tuple[int, int, int]:
+    def _stream(self) -> tuple[int, int, int]:
+        """(this worker's stream among the rank's, global stream id, number of global streams)."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        return dist.rank() * nw + wid, dist.world_size() * nw, wid
+        w = (wid + self.next_worker) % nw
+        return w, dist.rank() * nw + w, dist.world_size() * nw
 
-    def _raw_samples(self, rng: random.Random, sid: int, nstreams: int) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        w, sid, nstreams = self._stream()
         mine = self.urls[sid::nstreams] if len(self.urls) >= nstreams else list(self.urls)
+        p, s, done = (int(x) for x in self.positions[w]) if self.positions is not None else (0, 0, 0)
+        skipped = 0
         while True:
             order = list(mine)
-            rng.shuffle(order)
-            n = 0
-            for sample in tarfile_samples(({"url": u} for u in order), handler=_log_and_continue):
-                n += 1
-                yield sample
-            if n == 0:
-                raise RuntimeError(f"a full pass over {len(order)} shard(s) gave no samples, e.g. {order[0]}")
+            _rng(self.seed, sid, p).shuffle(order)
+            good, full_pass = 0, s == 0 and done == 0
+            for si in range(s, len(order)):
+                for j, sample in enumerate(shuffled_shard(order[si], self.shuffle_buffer, _rng(self.seed, sid, p, si))):
+                    if j < done:
+                        continue  # resume: yielded before the checkpoint (not decoded again)
+                    img = self._decode(sample)
+                    if img is None:
+                        skipped += 1
+                        continue
+                    with sample_rng(self.seed, sid, p, si, j):
+                        im_q, im_k = self.transform(img)
+                    good += 1
+                    yield im_q, im_k, torch.tensor(skipped), torch.tensor([w, p, si, j + 1])
+                    skipped = 0
+                done = 0
+            if full_pass and good == 0:
+                raise RuntimeError(f"a full pass over {len(order)} shard(s) gave no readable sample, e.g. {order[0]}")
+            s, p = 0, p + 1
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        sid, nstreams, _ = self._stream_id()
-        rng = random.Random(hash((self.seed, self.start_step, sid)))
-        buffer: list[dict] = []
-        skipped, count = 0, 0
-        for sample in self._raw_samples(rng, sid, nstreams):
-            buffer.append(sample)
-            if len(buffer) < self.shuffle_buffer:
-                continue
-            sample = buffer.pop(rng.randrange(len(buffer)))
-            key = next((k for k in IMAGE_KEYS if k in sample), None)
-            try:
-                if key is None:
-                    raise ValueError(f"sample {sample.get('__key__')} has no image member ({IMAGE_KEYS})")
-                with Image.open(io.BytesIO(sample[key])) as img:
-                    img = img.convert("RGB")
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                skipped += 1
-                log.warning("skipping corrupt sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), e)
-                continue
-            with sample_rng(self.seed, self.start_step, sid, count):
-                im_q, im_k = self.transform(img)
-            count += 1
-            yield im_q, im_k, torch.tensor(skipped)
-            skipped = 0
+    @staticmethod
+    def _decode(sample: dict) -> Image.Image | None:
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        try:
+            if key is None:
+                raise ValueError(f"sample {sample.get('__key__')} has no image member ({IMAGE_KEYS})")
+            with Image.open(io.BytesIO(sample[key])) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            log.warning("skipping corrupt sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), e)
+            return None
+
+
+class StreamTracker:
+    """The stream position of the last batch the loop consumed, per worker of this rank, and which
+    worker's batch comes next (the loader serves its workers round-robin)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        self.positions = torch.zeros(self.workers, 3, dtype=torch.int64)
+        self.next_worker = 0
+
+    def consume(self, batches: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(im_q, im_k, skipped, position (B, 4))`` batches -> ``(im_q, im_k, skipped)``, recording each
+        batch's last position as it is handed to the loop (which has trained on it by the next save)."""
+        for im_q, im_k, skipped, pos in batches:
+            w = int(pos[-1, 0])
+            self.positions[w] = pos[-1, 1:]
+            self.next_worker = (w + 1) % self.workers
+            yield im_q, im_k, skipped
+
+    def state(self) -> dict:
+        """Every rank's positions ``(world_size, workers, 3)`` (a collective: all ranks call it)."""
+        gathered = dist.all_gather_cat(self.positions.unsqueeze(0))
+        return {"positions": gathered.clone(), "next_worker": self.next_worker}
+
+    def load(self, state: dict, path: str) -> None:
+        """Take this rank's part of a :meth:`state` saved in checkpoint ``path``; a checkpoint made with
+        another number of processes or workers cannot continue the same streams: one clear error."""
+        pos = state["positions"]
+        want = (dist.world_size(), self.workers)
+        if tuple(pos.shape[:2]) != want:
+            raise CheckpointError(
+                f"{path}: its shard streams are for {pos.shape[0]} process(es) x {pos.shape[1]} worker(s), this "
+                f"run has {want[0]} x {want[1]}: resume with the same world size and data.workers to continue "
+                "the streams exactly (shard assignment depends on both)")
+        self.positions = pos[dist.rank()].clone()
+        self.next_worker = int(state["next_worker"])

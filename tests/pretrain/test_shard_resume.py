@@ -1,0 +1,149 @@
+"""Exact resume of tar-shard pretraining (CPU): the stream continues where the consumed batches stopped,
+and a run killed with SIGKILL twice resumes to the same weights, queue and optimizer state, bit for bit."""
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+from pretrain_helpers import REPO, tiny_config
+from pretrain import checkpoint as ckpt_io
+from pretrain.data.augment import TwoCropsTransform, build_augmentation
+from pretrain.data.shards import ShardPairs, StreamTracker
+from pretrain.data.synthetic import make_tar_shards, shard_pattern
+from pretrain.main import main
+from pretrain.utils.io import CheckpointError, safe_torch_load
+
+PER_SHARD = 6
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is faster on a shared CPU (and the same as the kills)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_tar_shards(tmp_path_factory.mktemp("shards"), num_shards=4, per_shard=PER_SHARD, num_classes=4,
+                           image_size=32, seed=0)
+
+
+class RawPixels:
+    """Both 'views' are the decoded pixels: identifies the sample."""
+
+    def __call__(self, img):
+        t = torch.as_tensor(bytearray(img.tobytes()), dtype=torch.uint8)
+        return t, t
+
+
+def _take(ds: ShardPairs, n: int) -> list:
+    it = iter(ds)
+    return [next(it) for _ in range(n)]
+
+
+def test_stream_resumes_at_any_position(shards):
+    transform = TwoCropsTransform(build_augmentation("v2", 32))
+    # 4 shards of 6 through a buffer of 4: positions cross the buffer's drain, shard ends and a pass end
+    full = _take(ShardPairs(shard_pattern(shards), transform, seed=3, shuffle_buffer=4), 4 * PER_SHARD + 5)
+    assert [tuple(s[3].tolist()) for s in full[:7]] == [(0, 0, 0, j) for j in range(1, 7)] + [(0, 0, 1, 1)]
+    for cut in (1, 4, PER_SHARD, PER_SHARD + 3, 4 * PER_SHARD, 4 * PER_SHARD + 2):
+        ds = ShardPairs(shard_pattern(shards), transform, seed=3, shuffle_buffer=4)
+        ds.set_position(full[cut - 1][3][1:].unsqueeze(0))
+        for a, b in zip(full[cut:], _take(ds, len(full) - cut)):
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), cut
+
+
+def test_each_pass_is_a_shuffle_of_every_sample(shards):
+    files = []
+    for path in shards:
+        with tarfile.open(path) as tar:
+            for m in sorted(tar.getmembers(), key=lambda m: m.name):
+                if m.name.endswith(".jpg"):
+                    with Image.open(io.BytesIO(tar.extractfile(m).read())) as img:
+                        files.append(bytes(img.convert("RGB").tobytes()))
+    ds = ShardPairs(shard_pattern(shards), RawPixels(), seed=0, shuffle_buffer=4)
+    stream = [bytes(s[0].numpy()) for s in _take(ds, 2 * len(files))]
+    for p in range(2):
+        one_pass = stream[p * len(files):(p + 1) * len(files)]
+        assert sorted(one_pass) == sorted(files)  # every sample once per pass
+    assert stream[:len(files)] != files and stream[:len(files)] != stream[len(files):]  # shuffled, anew per pass
+
+
+def test_checkpoint_of_other_stream_count_is_refused():
+    tracker = StreamTracker(workers=2)
+    with pytest.raises(CheckpointError, match="1 process\\(es\\) x 4 worker\\(s\\).*data.workers"):
+        tracker.load({"positions": torch.zeros(1, 4, 3, dtype=torch.int64), "next_worker": 0}, "ckpt.pth")
+
+
+def _overrides(shards, out) -> list[str]:
+    # 2 workers, each stream 2 shards x 6 samples = 3 batches of 4 per pass; a checkpoint every 3 steps
+    return [f"run.output_dir={out}", "data.kind=shards", f"data.pattern={shard_pattern(shards)}", "data.workers=2",
+            "data.batch_size=4", "data.shuffle_buffer=4", "model.queue_size=8", "optim.iterations=10",
+            "optim.schedule=exp_step", "optim.exp_every=4", "optim.exp_gamma=0.5", "run.save_every_iters=3",
+            "run.resume=auto"]
+
+
+KILLER = """
+import json, os, signal, sys
+sys.path.insert(0, {tests!r})
+import torch
+import pretrain.engine as engine
+from pretrain.main import main
+from pretrain_helpers import tiny_config
+torch.set_num_threads(1)
+kill_at, overrides = int(sys.argv[1]), json.loads(sys.argv[2])
+real, calls = engine.train_step, [0]
+def train_step(*a, **kw):
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **kw)
+engine.train_step = train_step
+main(tiny_config(sys.argv[3], sys.argv[4], *overrides))
+"""
+
+
+def _run_and_kill(shards, out, kill_at_call: int) -> None:
+    code = KILLER.format(tests=str(REPO / "tests" / "pretrain"))
+    proc = subprocess.run([sys.executable, "-c", code, str(kill_at_call), json.dumps(_overrides(shards, out)),
+                           str(out), str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+def test_killed_twice_resumes_bit_identically(tmp_path, shards):
+    main(tiny_config(tmp_path, tmp_path / "full", *_overrides(shards, tmp_path / "full")))
+    full = safe_torch_load(tmp_path / "full" / ckpt_io.LAST)
+    assert full["global_step"] == 10
+
+    killed = tmp_path / "killed"
+    # 1st kill before step 5 of the first run: back to step 3, mid-shard (worker 0 did 2 batches, worker 1 one)
+    _run_and_kill(shards, killed, kill_at_call=5)
+    at3 = safe_torch_load(killed / ckpt_io.LAST)
+    assert at3["global_step"] == 3
+    assert at3["sampler"]["streams"]["positions"].tolist() == [[[0, 1, 2], [0, 0, 4]]]
+    assert at3["sampler"]["streams"]["next_worker"] == 1
+    # 2nd kill before step 9 (the 6th of the resumed run): back to step 6, where both streams end a pass
+    _run_and_kill(shards, killed, kill_at_call=6)
+    at6 = safe_torch_load(killed / ckpt_io.LAST)
+    assert at6["global_step"] == 6
+    assert at6["sampler"]["streams"]["positions"].tolist() == [[[0, 1, PER_SHARD], [0, 1, PER_SHARD]]]
+    assert at6["sampler"]["streams"]["next_worker"] == 0
+    main(tiny_config(tmp_path, killed, *_overrides(shards, killed)))
+    resumed = safe_torch_load(killed / ckpt_io.LAST)
+    assert resumed["global_step"] == 10
+    assert resumed["sampler"]["streams"]["positions"].tolist() == full["sampler"]["streams"]["positions"].tolist()
+    assert resumed["state_dict"].keys() == full["state_dict"].keys()
+    for k, v in full["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][k], v), k  # weights, queue and queue_ptr bit-identical
+    for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
