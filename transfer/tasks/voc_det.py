@@ -56,7 +56,8 @@ def make_synthetic(data_root: Path) -> None:
 
     devkit = Path(data_root) / "VOCdevkit"
     if not (devkit / "VOC2007" / "ImageSets" / "Main" / "test.txt").is_file():
-        make_vocdevkit(devkit, seed=0)
+        # enough images of all 20 classes for the smoke preset to learn (about 25 objects a class), small
+        make_vocdevkit(devkit, seed=0, trainval_2007=200, test_2007=40, trainval_2012=40, image_size=(128, 96))
 
 
 _VOC_DOWNLOAD = {
