@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from detectron2.config import CfgNode, get_cfg
 
@@ -70,6 +70,9 @@ def apply_task_config(cfg: CfgNode, task_cfg: Any) -> Dict[str, Any]:
             _set(cfg, f"MODEL.ROI_BOX_HEAD.{leaf}", value)
         elif key.startswith("_semseg.scale_range"):
             cfg.INPUT.SEM_SEG_SCALE_RANGE = tuple(value)
+        elif key.startswith("_sampler.repeat_threshold"):
+            cfg.DATALOADER.SAMPLER_TRAIN = "RepeatFactorTrainingSampler" if value > 0 else "TrainingSampler"
+            cfg.DATALOADER.REPEAT_THRESHOLD = float(value)
         elif key.startswith("_check"):
             kind, _, path = key.partition(":")
             if kind == "_check.off" and value:
@@ -85,13 +88,21 @@ def apply_task_config(cfg: CfgNode, task_cfg: Any) -> Dict[str, Any]:
 
 
 def build_config(yaml_name: str, task_cfg: Any, weights: BackboneWeights, ctx: TrialContext,
-                 train_sets: Sequence[str], test_sets: Sequence[str], num_workers: int) -> CfgNode:
-    """The frozen Detectron2 config of one trial (saved as ``d2_config.yaml`` in its folder)."""
+                 train_sets: Sequence[str], test_sets: Sequence[str], num_workers: int,
+                 num_classes: Optional[int] = None) -> CfgNode:
+    """The frozen Detectron2 config of one trial (saved as ``d2_config.yaml`` in its folder).
+
+    ``num_classes``: the dataset's class count when it is not the YAML's (a synthetic COCO or LVIS); the
+    evaluators map every predicted class back to a dataset id, so the two must agree."""
     cfg = get_cfg()
     add_suite_keys(cfg)
     cfg.merge_from_file(str(D2_CONFIG_DIR / yaml_name))
     apply_weights_overlay(cfg, weights)
     apply_task_config(cfg, task_cfg)
+    if num_classes is not None and num_classes != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        log.info("the dataset has %d classes (the YAML: %d): ROI_HEADS.NUM_CLASSES set to the dataset's",
+                 num_classes, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = int(num_classes)
     cfg.DATASETS.TRAIN = tuple(train_sets)
     cfg.DATASETS.TEST = tuple(test_sets)
     cfg.DATALOADER.NUM_WORKERS = int(num_workers)

@@ -87,3 +87,44 @@ def register_coco(data_root: Path, split: str, keypoints: bool, train: bool, min
                      image_root=str(image_root), evaluator_type="coco",
                      thing_dataset_id_to_contiguous_id={v: k for k, v in meta["contiguous_to_coco_id"].items()},
                      **extra)
+
+
+def register_lvis(data_root: Path, split: str, train: bool) -> str:
+    """LVIS v0.5 (images found under ``coco/`` by ``coco_url``) with the metadata Detectron2's ``LVISEvaluator``
+    reads: the json file and the LVIS category ids; training sets keep images with annotations only."""
+    from transfer.data.lvis import filter_empty, load_lvis_instances, lvis_paths
+
+    data_root = Path(data_root)
+    json_file, coco_root = lvis_paths(data_root, split)
+    _, meta = load_lvis_instances(json_file, coco_root)  # fails early on a bad file
+
+    def load() -> List[dict]:
+        records, _ = load_lvis_instances(json_file, coco_root)
+        for r in records:
+            for a in r["annotations"]:
+                a["bbox_mode"] = BoxMode.XYXY_ABS
+        return filter_empty(records, json_file) if train else records
+
+    return register_dataset(f"suite_lvis_v0.5_{split}" + ("_train" if train else ""), load,
+                            thing_classes=meta["thing_classes"], json_file=str(json_file), evaluator_type="lvis",
+                            thing_dataset_id_to_contiguous_id={v: k for k, v in meta["contiguous_to_lvis_id"].items()})
+
+
+def register_cityscapes_instances(data_root: Path, split: str, train: bool) -> str:
+    """Cityscapes fine instances read by the suite (``instanceIds`` PNGs -> RLE masks, so the configs use
+    ``INPUT.MASK_FORMAT bitmask``), never by Detectron2's Cityscapes loader (issue #5436)."""
+    from transfer.data.cityscapes_instances import filter_for_training, load_cityscapes_instances
+
+    data_root = Path(data_root)
+    records, meta = load_cityscapes_instances(data_root, split)  # fails early on a bad layout
+
+    def load() -> List[dict]:
+        recs, _ = load_cityscapes_instances(data_root, split)
+        for r in recs:
+            for a in r["annotations"]:
+                a["bbox_mode"] = BoxMode.XYXY_ABS
+        return filter_for_training(recs) if train else recs
+
+    return register_dataset(f"suite_cityscapes_instances_{split}" + ("_train" if train else ""), load,
+                            thing_classes=meta["thing_classes"], gt_dir=meta["gt_dir"],
+                            evaluator_type="cityscapes_instance")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any, Dict
 
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator, PascalVOCDetectionEvaluator
 
 from transfer.context import TrialContext
 from transfer.engines.detectron2 import datasets
@@ -61,7 +63,8 @@ def _run_coco(task: str, cfg: Any, weights: BackboneWeights, ctx: TrialContext) 
     min_kp = cfg.keypoint.min_keypoints_per_image if keypoints else 1
     train = datasets.register_coco(ctx.data_root, cfg.data.train_split, keypoints, train=True, min_keypoints=min_kp)
     test = datasets.register_coco(ctx.data_root, cfg.data.test_split, keypoints, train=False)
-    cfg_d2 = build_config(TASK_YAML[task], cfg, weights, ctx, [train], [test], cfg.data.num_workers)
+    cfg_d2 = build_config(TASK_YAML[task], cfg, weights, ctx, [train], [test], cfg.data.num_workers,
+                          num_classes=len(MetadataCatalog.get(train).thing_classes))
 
     def evaluator(name: str) -> COCOEvaluator:
         # the tasks named, so that a model without detections scores NaN in every column instead of dropping some
@@ -75,8 +78,74 @@ def _run_coco(task: str, cfg: Any, weights: BackboneWeights, ctx: TrialContext) 
     return _finish(coco_metrics(run["results"]), run, cfg_d2, ctx)
 
 
+def run_lvis(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
+    """LVIS v0.5 through Detectron2's ``LVISEvaluator`` (lvis-api's federated AP; lvis 0.5.3 still calls
+    ``np.float``, so it runs under the suite's :func:`transfer.evaluation.numpy_compat.numpy_aliases`)."""
+    from transfer.evaluation.numpy_compat import numpy_aliases
+
+    train = datasets.register_lvis(ctx.data_root, cfg.data.train_split, train=True)
+    test = datasets.register_lvis(ctx.data_root, cfg.data.test_split, train=False)
+    cfg_d2 = build_config(TASK_YAML[ctx.task], cfg, weights, ctx, [train], [test], cfg.data.num_workers,
+                          num_classes=len(MetadataCatalog.get(train).thing_classes))
+
+    def evaluator(name: str) -> LVISEvaluator:
+        return LVISEvaluator(name, tasks=("bbox", "segm"), output_dir=str(ctx.output_dir / "d2_inference"),
+                             max_dets_per_image=cfg_d2.TEST.DETECTIONS_PER_IMAGE)
+
+    with numpy_aliases("float"):
+        run = train_and_evaluate(cfg_d2, weights, ctx, evaluator, log_period=cfg.log_period)
+    if not run:
+        return {}
+    return _finish(coco_metrics(run["results"]), run, cfg_d2, ctx)
+
+
+class CityscapesInstancesAdapter(DatasetEvaluator):
+    """Detectron2's evaluator interface around the suite's :class:`transfer.evaluation.cityscapes_instances.
+    CityscapesInstanceEvaluator` (cityscapesscripts' evaluation on every Detectron2 version: Detectron2's own
+    ``CityscapesInstanceEvaluator`` imports a Meta-internal module since Dec. 2024, detectron2 issue #5436)."""
+
+    def __init__(self, gt_dir: str, pred_dir: Path, thing_classes):
+        from transfer.evaluation.cityscapes_instances import CityscapesInstanceEvaluator
+
+        self.make = lambda: CityscapesInstanceEvaluator(Path(gt_dir), pred_dir, thing_classes)
+        self.inner = self.make()
+
+    def reset(self) -> None:
+        self.inner = self.make()
+
+    def process(self, inputs, outputs) -> None:
+        for inp, out in zip(inputs, outputs):
+            inst = out["instances"].to("cpu")
+            self.inner.process(inp["file_name"], inst.pred_masks.numpy(), inst.scores.numpy(),
+                               inst.pred_classes.numpy())
+
+    def evaluate(self):
+        return {"segm": self.inner.evaluate()}
+
+
+def run_cityscapes_instances(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
+    """Mask R-CNN R50-FPN on Cityscapes fine with the suite's reader (instanceIds -> RLE masks) and
+    cityscapesscripts' AP / AP50 -> APmk / APmk50."""
+    train = datasets.register_cityscapes_instances(ctx.data_root, cfg.data.train_split, train=True)
+    test = datasets.register_cityscapes_instances(ctx.data_root, cfg.data.test_split, train=False)
+    cfg_d2 = build_config(TASK_YAML[ctx.task], cfg, weights, ctx, [train], [test], cfg.data.num_workers,
+                          num_classes=len(MetadataCatalog.get(train).thing_classes))
+    meta = MetadataCatalog.get(test)
+
+    def evaluator(name: str) -> DatasetEvaluator:
+        return CityscapesInstancesAdapter(meta.gt_dir, Path(ctx.output_dir) / "d2_cityscapes_pred", meta.thing_classes)
+
+    run = train_and_evaluate(cfg_d2, weights, ctx, evaluator, log_period=cfg.log_period)
+    if not run:
+        return {}
+    return _finish({k: float(v) for k, v in run["results"]["segm"].items()}, run, cfg_d2, ctx)
+
+
 def register() -> None:
     register_engine("voc0712_det", "detectron2")(run_voc)
     register_engine("voc07_det", "detectron2")(run_voc)
+    register_engine("cityscapes_instseg", "detectron2")(run_cityscapes_instances)
+    register_engine("lvis_v0.5_1x", "detectron2")(run_lvis)
+    register_engine("lvis_v0.5_2x", "detectron2")(run_lvis)
     for task in COCO_TASKS:
         register_engine(task, "detectron2")(lambda cfg, weights, ctx, _t=task: _run_coco(_t, cfg, weights, ctx))

@@ -21,6 +21,9 @@ TASK_YAML = {
     "coco_fpn_1x": "coco_R_50_FPN_1x.yaml",
     "coco_fpn_2x": "coco_R_50_FPN_2x.yaml",
     "coco_keypoints": "keypoint_rcnn_R_50_FPN_2x.yaml",
+    "lvis_v0.5_1x": "lvis_v0.5_R_50_FPN_1x.yaml",
+    "lvis_v0.5_2x": "lvis_v0.5_R_50_FPN_2x.yaml",
+    "cityscapes_instseg": "cityscapes_instseg_R_50_FPN.yaml",
     "voc_semseg": "voc_semseg_R_50_FCN16s.yaml",
     "cityscapes_semseg": "cityscapes_semseg_R_50_FCN16s.yaml",
 }
@@ -155,6 +158,10 @@ FIELD_KEYS: Dict[str, Dict[str, Tuple[str, Convert]]] = {
         "head_dilation": ("MODEL.SEM_SEG_HEAD.DILATION", _same),
         "head_num_convs": ("MODEL.SEM_SEG_HEAD.NUM_CONVS", _same),
     },
+    "LVISDataConfig": {
+        # repeat-factor sampling (LVIS paper App. B.2); 0 turns it off
+        "repeat_threshold": ("_sampler.repeat_threshold", _same),
+    },
     "_top": {"seed": ("SEED", _same)},
 }
 
@@ -184,7 +191,7 @@ def d2_assignments(task_cfg: Any) -> Dict[str, Any]:
                 continue
             elif f.name in table:
                 key, convert = table[f.name]
-                if key.startswith("_check") or key.startswith("_semseg"):
+                if key.startswith(("_check", "_semseg", "_sampler")):
                     key = f"{key}:{path}"
                 out[key] = convert(value)
             else:
