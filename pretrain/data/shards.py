@@ -133,7 +133,7 @@ class ShardPairs(IterableDataset):
                 done = 0
             if full_pass and good == 0:
                 raise RuntimeError(f"a full pass over {len(order)} shard(s) gave no readable sample, e.g. {order[0]}")
-            s, p = 0, p + 1
+            p, s, done = p + 1, 0, 0
 
     @staticmethod
     def _decode(sample: dict) -> Image.Image | None:
@@ -168,8 +168,8 @@ class StreamTracker:
 
     def state(self) -> dict:
         """Every rank's positions ``(world_size, workers, 3)`` (a collective: all ranks call it)."""
-        gathered = dist.all_gather_cat(self.positions.unsqueeze(0))
-        return {"positions": gathered.clone(), "next_worker": self.next_worker}
+        gathered = dist.all_gather_cat(self.positions.unsqueeze(0).to(dist.backend_device()))  # NCCL: on the GPU
+        return {"positions": gathered.cpu().clone(), "next_worker": self.next_worker}
 
     def load(self, state: dict, path: str) -> None:
         """Take this rank's part of a :meth:`state` saved in checkpoint ``path``; a checkpoint made with

@@ -147,3 +147,54 @@ def test_killed_twice_resumes_bit_identically(tmp_path, shards):
         assert torch.equal(resumed["state_dict"][k], v), k  # weights, queue and queue_ptr bit-identical
     for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _two_rank_worker(rank: int, world: int, init_file: str, tmp: str, pattern: str) -> None:
+    import torch.distributed as torch_dist
+
+    import pretrain.engine as engine
+
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # one stream per rank (no loader workers) on 3 shards: rank 0 reads shards 0 and 2 (3 batches of 4 per
+    # pass), rank 1 shard 1 (1.5 batches per pass): the ranks' positions differ
+    common = ["data.kind=shards", f"data.pattern={pattern}", "data.workers=0", "data.batch_size=8",
+              "data.shuffle_buffer=4", "model.queue_size=8", "optim.iterations=5", "optim.schedule=exp_step",
+              "optim.exp_every=2", "run.save_every_iters=2", "run.resume=auto"]
+    main(tiny_config(tmp, f"{tmp}/full", f"run.output_dir={tmp}/full", *common))
+    real, calls = engine.train_step, [0]
+
+    def dies_at_fourth_step(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 4:  # every rank stops at the same step, as a killed job's ranks all go
+            raise Interrupted
+        return real(*a, **kw)
+
+    engine.train_step = dies_at_fourth_step
+    try:
+        main(tiny_config(tmp, f"{tmp}/killed", f"run.output_dir={tmp}/killed", *common))
+    except Interrupted:
+        pass
+    engine.train_step = real
+    torch_dist.barrier()
+    if rank == 0:
+        torch.save(safe_torch_load(f"{tmp}/killed/{ckpt_io.LAST}")["sampler"], f"{tmp}/at2.pt")
+    main(tiny_config(tmp, f"{tmp}/killed", f"run.output_dir={tmp}/killed", *common))
+    torch_dist.destroy_process_group()
+
+
+def test_two_ranks_resume_their_own_streams(tmp_path, shards):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "store"), str(tmp_path), shard_pattern(shards[:3])),
+             nprocs=2)
+    at2 = torch.load(tmp_path / "at2.pt", weights_only=True)
+    assert at2["streams"]["positions"].tolist() == [[[0, 1, 2]], [[1, 0, 2]]]  # 8 samples each: 6 + 2
+    full, resumed = (safe_torch_load(tmp_path / d / ckpt_io.LAST) for d in ("full", "killed"))
+    assert full["global_step"] == resumed["global_step"] == 5
+    for k, v in full["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][k], v), k
