@@ -41,7 +41,7 @@ class DataConfig:
     image_size: int = 224
     workers: int = 8  # dataloader workers per process
     batch_size: int = 256  # global batch over all processes
-    shuffle_buffer: int = 1000  # shards kind: in-memory shuffle buffer per worker
+    shuffle_buffer: int = 1000  # shards kind: in-memory shuffle buffer per worker, within one shard (data/shards.py)
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,8 @@ def train_one_epoch(
     t0 = time.perf_counter()
     bar = tqdm(total=num_iters, desc=f"epoch {epoch}", disable=not dist.is_main(), leave=False, dynamic_ncols=True)
     it = start_iter
+    # range first: zip then never pulls a batch it does not train on (tar-shard positions are recorded as
+    # batches are pulled, see data/shards.py StreamTracker)
     for _, (im_q, im_k, skip) in zip(range(num_iters), batches):
         lr = lr_fn(epoch, global_step)
         for group in optimizer.param_groups:
