@@ -99,7 +99,8 @@ class ShardPairs(IterableDataset):
     def set_position(self, positions: torch.Tensor | None, next_worker: int = 0) -> None:
         """Resume: this rank's streams start at ``positions`` ((workers, 3): pass, shard position,
         samples done) and the loader's worker 0 plays stream ``next_worker``. Call before ``iter(loader)``."""
-        self.positions, self.next_worker = positions, next_worker
+        self.positions = None if positions is None else positions.clone()  # the tracker updates its own
+        self.next_worker = next_worker
 
     def _stream(self) -> tuple[int, int, int]:
         """(this worker's stream among the rank's, global stream id, number of global streams)."""
