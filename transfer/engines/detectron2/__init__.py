@@ -6,7 +6,8 @@ engine's modules, registers the suite's Detectron2 modules (``Res5ROIHeadsExtraN
 adds a ``detectron2`` implementation to every detection and segmentation task. ``--engine auto`` then
 prefers it; without detectron2, ``--engine detectron2`` fails each task with :data:`INSTALL_HINT`.
 Layout: ``keys.py`` (task config -> Detectron2 keys, no detectron2 import), ``config.py``, ``modeling.py``,
-``datasets.py``, ``train.py``, ``detection.py`` (VOC, COCO), ``semseg.py``.
+``datasets.py``, ``train.py``, ``detection.py`` (VOC, COCO, LVIS, Cityscapes instances), ``semseg.py``
+(VOC and Cityscapes FCN-16s). DensePose is not implemented yet.
 """
 from __future__ import annotations
 
