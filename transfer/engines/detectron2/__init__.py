@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 
 INSTALL_HINT = ("detectron2 has no PyPI release: build it from source "
-                "(pip install 'git+https://github.com/facebookresearch/detectron2.git', README 'Detectron2 engine'), "
+                "(pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git'; README 'Detectron2 engine'), "
                 "or use --engine torchvision / auto")
 
 
