@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:-results/smoke}"
 PYTHON="${PYTHON:-python}"
-TASKS="${TASKS:-voc07_det,imagenet_linear,imagenet_linear_fast,imagenet_knn}"
+TASKS="${TASKS:-voc07_det,coco_c4_1x,voc_semseg,imagenet_linear,imagenet_linear_fast,imagenet_knn}"
 DATA="$OUT/data"
 
 "$PYTHON" tools/make_synthetic_data.py --root "$DATA" --kinds imagenet

@@ -73,6 +73,11 @@ def resolve_engine(spec: TaskSpec, requested: str) -> str:
         return "detectron2" if "detectron2" in spec.engines and d2_engine.available() else "torchvision"
     if requested == "detectron2" and not d2_engine.available():
         raise RuntimeError(f"--engine detectron2 was requested but detectron2 is not importable: {d2_engine.INSTALL_HINT}")
+    if requested == "detectron2" and spec.family == "classification" and requested not in spec.engines:
+        # Detectron2 implements detection and segmentation only: `--engine detectron2 --tasks all` runs the
+        # classification probes on the built-in engine, which metrics.json and the tables record
+        log.warning("%s: no Detectron2 implementation; running it on the built-in torchvision engine", spec.name)
+        return "torchvision"
     if requested not in spec.engines:
         raise RuntimeError(f"task {spec.name!r} has no {requested!r} engine (it has: {sorted(spec.engines)})")
     return requested
@@ -153,11 +158,15 @@ def default_data_root(opts: SuiteOptions) -> Path:
 
 
 def ensure_synthetic(spec: TaskSpec, data_root: Path) -> None:
-    """Write the task's synthetic data once (rank 0; a marker file records that it finished)."""
-    marker = data_root / ".synthetic" / f"{spec.name}.done"
-    if spec.make_synthetic is None or marker.is_file():
+    """Write the task's synthetic data once (rank 0; a marker file records that it finished).
+
+    Only rank 0 looks at the marker and every rank meets at the barrier: a rank that decided on its own
+    could see the marker rank 0 has just written and skip the barrier that rank 0 then waits in.
+    """
+    if spec.make_synthetic is None:
         return
-    if dist.is_main():
+    marker = data_root / ".synthetic" / f"{spec.name}.done"
+    if dist.is_main() and not marker.is_file():
         log.info("writing synthetic data for %s under %s", spec.name, data_root)
         spec.make_synthetic(data_root)
         atomic_write_text(marker, "ok\n")

@@ -67,6 +67,17 @@ def test_without_detectron2_nothing_imports_it_and_the_engine_says_how_to_instal
         resolve_engine(spec, "detectron2")
 
 
+def test_engine_detectron2_runs_the_classification_probes_on_the_builtin_engine(monkeypatch):
+    """``--engine detectron2 --tasks all``: the probes (no Detectron2 implementation) run on the built-in
+    engine; a detection task without a Detectron2 implementation is still an error, never a silent swap."""
+    spec, voc = get_task("imagenet_knn"), get_task("voc07_det")
+    det = dataclasses.replace(voc, engines={"torchvision": voc.engines["torchvision"]})  # no Detectron2 one
+    monkeypatch.setattr(d2_engine, "available", lambda: True)  # as if installed (after the registry loaded)
+    assert "detectron2" not in spec.engines and resolve_engine(spec, "detectron2") == "torchvision"
+    with pytest.raises(RuntimeError, match="no 'detectron2' engine"):
+        resolve_engine(det, "detectron2")
+
+
 # ---------------------------------------------------------------- with detectron2 installed
 
 def _ctx(tmp_path, task="voc07_det", world_size=1):
