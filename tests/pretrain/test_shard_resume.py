@@ -24,12 +24,7 @@ from pretrain.utils.io import CheckpointError, safe_torch_load
 PER_SHARD = 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is faster on a shared CPU (and the same as the kills)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ needs_d2 = pytest.mark.skipif(not d2_engine.available(),
                               reason="detectron2 is not installed (no PyPI release; README 'Detectron2 engine')")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is faster on a shared CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _task_cfg(task: str, preset: str = "full", overrides=()):

@@ -35,14 +35,7 @@ def _position(ckpt: Path):
         return None
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread here and in the killed runs: the same arithmetic in both, and no oversubscription of
-    a shared CPU (several times faster on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _run_until(args, ckpt: Path, stop, delay: float = 0.0) -> None:

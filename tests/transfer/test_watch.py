@@ -12,12 +12,7 @@ from pretrain.data.synthetic import make_imagenet_folders
 from transfer.run_all import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is faster on a shared CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _checkpoint(run: Path, epoch: int, seed: int) -> None:

@@ -1,0 +1,16 @@
+"""Fixtures shared by the pretraining and transfer tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny CPU runs: faster on a shared CPU (no oversubscription), and the same
+    arithmetic as the subprocesses that kill-and-resume tests start with one thread. Files opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
