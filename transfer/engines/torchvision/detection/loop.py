@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pretrain.schedule import warmup_multistep_lr
 from pretrain.utils import dist
 from pretrain.utils.logs import format_duration
 
@@ -39,6 +41,16 @@ def build_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float,
     if norm_params:
         groups.append({"params": norm_params, "weight_decay": weight_decay_norm})
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+def sgd_with_schedule(model: nn.Module, solver) -> Tuple[torch.optim.SGD, Callable[[int], float]]:
+    """The solver of MoCo's Detectron2 configs from a task's ``solver`` config (``base_lr``, ``momentum``,
+    ``weight_decay``, ``weight_decay_norm``, ``steps``, ``gamma``, ``warmup_iters``, ``warmup_factor``):
+    :func:`build_sgd` and ``lr_at(iteration)``, linear warmup then step decay."""
+    optimizer = build_sgd(model, solver.base_lr, solver.momentum, solver.weight_decay, solver.weight_decay_norm)
+    lr_at = partial(warmup_multistep_lr, base_lr=solver.base_lr, steps=solver.steps, gamma=solver.gamma,
+                    warmup_iters=solver.warmup_iters, warmup_factor=solver.warmup_factor)
+    return optimizer, lr_at
 
 
 def inference_loader(dataset: Dataset, num_workers: int, collate_fn: Callable) -> DataLoader:

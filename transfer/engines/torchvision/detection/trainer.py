@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
-from pretrain.schedule import warmup_multistep_lr
 from transfer.context import TrialContext
 from transfer.engines.torchvision.detection import loop
 from transfer.engines.torchvision.detection.precise_bn import precise_bn
@@ -51,9 +50,7 @@ def fit_detector(model: nn.Module, dataset: Dataset, collate_fn: Callable, group
         model = model.to(memory_format=torch.channels_last)
     model = prepare_distributed(model, ctx.device)
     s = cfg.solver
-    optimizer = loop.build_sgd(model, s.base_lr, s.momentum, s.weight_decay, s.weight_decay_norm)
-    lr_at = partial(warmup_multistep_lr, base_lr=s.base_lr, steps=s.steps, gamma=s.gamma,
-                    warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor)
+    optimizer, lr_at = loop.sgd_with_schedule(model, s)
     step = partial(train_step, device=ctx.device)
     batches = infinite_loader(dataset, batch_per_process, ctx.seed, cfg.data.num_workers, collate_fn,
                               groups=groups, sampler=sampler)

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
-from pretrain.schedule import warmup_multistep_lr
 from pretrain.utils import dist
 from transfer.context import TrialContext
 from transfer.data.cityscapes import CITYSCAPES_CLASSES, load_cityscapes_semseg, read_train_ids
@@ -111,9 +110,7 @@ def _run_semseg(cfg: SemSegConfig, weights: BackboneWeights, ctx: TrialContext) 
         model = model.to(memory_format=torch.channels_last)
     model = prepare_distributed(model, ctx.device)
     s = cfg.solver
-    optimizer = loop.build_sgd(model, s.base_lr, s.momentum, s.weight_decay, s.weight_decay_norm)
-    lr_at = partial(warmup_multistep_lr, base_lr=s.base_lr, steps=s.steps, gamma=s.gamma,
-                    warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor)
+    optimizer, lr_at = loop.sgd_with_schedule(model, s)
     step = partial(_train_step, device=ctx.device, ignore_label=inp.ignore_label, channels_last=channels_last)
     batches = infinite_loader(dataset, eff["batch_per_process"], ctx.seed, cfg.data.num_workers, default_collate)
     losses = loop.train_loop(model, batches, optimizer, lr_at, s.iterations, step,
