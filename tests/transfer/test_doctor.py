@@ -176,3 +176,45 @@ def test_voc_dataset_stands_in_the_next_readable_image(root):
         assert target["image_id"] == records[1]["image_id"] and image.shape[1:] == (40, 48)
         assert torch.equal(target["boxes"], records[1]["boxes"])
         assert scope.count() == 1 and scope.examples() == [records[0]["file_name"]]
+
+
+@pytest.fixture(scope="module")
+def coco_seg(tmp_path_factory):
+    """Synthetic COCO and VOC2012 segmentation trees without defects (copied per test)."""
+    from transfer.data.synthetic.coco import make_coco
+    from transfer.data.synthetic.voc_seg import make_voc_seg
+
+    root = tmp_path_factory.mktemp("coco_seg")
+    make_coco(root, seed=0, num_train=3, num_val=2, image_size=(48, 40))
+    make_voc_seg(root / "VOCdevkit", seed=0, train=2, sbd_only=1, val=2, size_range=(32, 40))
+    return root
+
+
+def test_coco_duplicate_annotation_ids_and_a_missing_image(coco_seg, tmp_path, capsys):
+    root = tmp_path / "d"
+    shutil.copytree(coco_seg, root)
+    code, out = _run(root, "coco_fpn_1x,coco_keypoints,voc_semseg", capsys)
+    assert code == 0 and _line(out, "coco_fpn_1x").split()[1] == "partial", out  # only smaller than COCO
+    ann = root / "coco" / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][1]["id"] = data["annotations"][0]["id"]
+    ann.write_text(json.dumps(data))
+    first = json.loads((root / "coco" / "annotations" / "person_keypoints_train2017.json").read_text())["images"][0]
+    (root / "coco" / "train2017" / first["file_name"]).unlink()
+    code, out = _run(root, "coco_fpn_1x,coco_keypoints", capsys)
+    assert code == 1 and _line(out, "coco_fpn_1x").split()[1] == "malformed"
+    assert "annotations ids are not unique" in out and str(ann) in out
+    # the keypoint task reads its own json: only the image is missing there, so it still runs (partial)
+    assert _line(out, "coco_keypoints").split()[1] == "partial" and "1 of them missing" in out
+
+
+def test_semseg_label_png_missing(coco_seg, tmp_path, capsys):
+    root = tmp_path / "d"
+    shutil.copytree(coco_seg, root)
+    voc = root / "VOCdevkit" / "VOC2012"
+    image_id = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
+    for label in voc.glob(f"Segmentation*/{image_id}.png"):
+        label.unlink()
+    code, out = _run(root, "voc_semseg", capsys)
+    assert code == 1 and _line(out, "voc_semseg").split()[1] == "malformed"
+    assert f"{image_id}.png not found" in out

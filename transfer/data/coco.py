@@ -19,7 +19,7 @@ import logging
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -65,6 +65,11 @@ def _read_json(json_file: Path) -> dict:
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations",
                                                                                         "categories")):
         raise _error(json_file, "not a COCO annotation file (needs lists 'images', 'annotations', 'categories')")
+    _check_fields(json_file, data)
+    return data
+
+
+def _check_fields(json_file: Path, data: dict) -> None:
     fields = {"images": ("id", "file_name", "height", "width"), "categories": ("id", "name"),
               "annotations": ("id", "image_id", "category_id", "bbox")}
     for key, need in fields.items():
@@ -72,7 +77,16 @@ def _read_json(json_file: Path) -> dict:
             missing = [f for f in need if not isinstance(entry, dict) or f not in entry]
             if missing:
                 raise _error(json_file, f"an entry of '{key}' lacks {missing}: {str(entry)[:200]}")
-    return data
+
+
+def validate_coco(json_file: Path, data: Any) -> None:
+    """The reader's checks of a parsed COCO json, without loading it (the dataset doctor's): raises
+    :class:`COCODataError` naming the file and the problem."""
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations",
+                                                                                        "categories")):
+        raise _error(Path(json_file), "not a COCO annotation file (needs lists 'images', 'annotations', 'categories')")
+    _check_fields(Path(json_file), data)
+    _validate(Path(json_file), data)
 
 
 def _validate(json_file: Path, data: dict) -> None:

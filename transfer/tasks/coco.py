@@ -95,6 +95,51 @@ def make_synthetic(data_root: Path) -> None:
         make_coco(Path(data_root), seed=0, **SYNTHETIC)
 
 
+def _check_coco(data_root: Path, cfg, quick: bool, keypoints: bool):
+    """The dataset doctor's check (``transfer.doctor``): each split's json through the reader's validation,
+    the images it names, the split sizes."""
+    from transfer import doctor as d
+    from transfer.data.coco import COCO_EXPECTED_LAYOUT, COCODataError, coco_paths, validate_coco
+
+    report = d.DataReport("coco", COCO_EXPECTED_LAYOUT)
+    for split in (cfg.data.train_split, cfg.data.test_split):
+        json_file, image_root = coco_paths(data_root, split, keypoints=keypoints)
+        what = f"COCO {json_file.stem}"
+        get = (f"download annotations_trainval2017.zip and {split}2017.zip (cocodataset.org) and extract them in "
+               f"{Path(data_root) / 'coco'}")
+        data = d.check_json(report, what, json_file, get)
+        if data is None:
+            continue
+        try:
+            validate_coco(json_file, data)
+        except COCODataError as e:
+            report.add(what, d.MALFORMED, str(e).split("; expected")[0], f"replace the file ({get})")
+            continue
+        images = [image_root / im["file_name"] for im in data["images"]]
+        present = [p for p in images if p.is_file()]
+        expected = d.DATASET_SIZES.get(f"coco_{split}2017")
+        if not present:
+            report.add(what, d.MISSING, f"none of the {len(images)} images is under {image_root}",
+                       d.missing_dir(image_root, what, get))
+            continue
+        detail = d.count_text(len(images), expected)
+        if len(present) < len(images):
+            report.add(what, d.PARTIAL, f"{detail}, {len(images) - len(present)} of them missing (e.g. "
+                       f"{next(p for p in images if not p.is_file())})", get)
+        else:
+            report.add(what, d.count_status(len(images), expected), detail)
+        d.check_images(report, what, present, quick)
+    return report
+
+
+def check_instances(data_root: Path, cfg, quick: bool):
+    return _check_coco(data_root, cfg, quick, keypoints=False)
+
+
+def check_keypoints(data_root: Path, cfg, quick: bool):
+    return _check_coco(data_root, cfg, quick, keypoints=True)
+
+
 _BOX_MASK = ("APbb", "APbb50", "APbb75", "APmk", "APmk50", "APmk75")  # Table 5's columns
 _KEYPOINT = ("APkp", "APkp50", "APkp75")  # Table 6's keypoint columns
 _INSTANCES = ("coco/annotations/instances_{train,val}2017.json", "coco/train2017", "coco/val2017")
@@ -113,6 +158,7 @@ for _name, _schema, _file, _table, _backbone, _desc in (
     register_task(TaskSpec(
         name=_name, family="instance_segmentation", schema=_schema, config_file=_file, metrics=_BOX_MASK,
         datasets=_INSTANCES, description=_desc, effective=effective, make_synthetic=make_synthetic,
+        check_data=check_instances,
         # MoCo v1 Table 5 (a/b: R50-FPN 1x/2x, c/d: R50-C4 1x/2x)
         published=(PublishedRows("coco_det_instseg", _backbone, (_table,), {m: m for m in _BOX_MASK}),),
         protocol_trials=1))
@@ -120,6 +166,7 @@ for _name, _schema, _file, _table, _backbone, _desc in (
 register_task(TaskSpec(
     name="coco_keypoints", family="keypoints", schema=COCOKeypointConfig, config_file="coco_keypoints.yaml",
     metrics=_KEYPOINT, datasets=_KEYPOINTS, effective=effective, make_synthetic=make_synthetic,
+    check_data=check_keypoints,
     description="Keypoint R-CNN R50-FPN on COCO person keypoints train2017 -> val2017, 2x (180k iters)",
     published=(PublishedRows("coco_keypoint", "KeypointRCNN_R50-FPN", ("Table6",), {m: m for m in _KEYPOINT}),),
     protocol_trials=1))

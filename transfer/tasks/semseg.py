@@ -97,6 +97,49 @@ def make_synthetic_cityscapes(data_root: Path) -> None:
         make_cityscapes(root, seed=0)
 
 
+def _check_semseg(data_root: Path, cfg: SemSegConfig, quick: bool, voc: bool):
+    """The dataset doctor's check (``transfer.doctor``): each split through the reader (list, images, label
+    PNGs), the split sizes, a sample of images decoded."""
+    from transfer import doctor as d
+
+    if voc:
+        from transfer.data.voc_seg import EXPECTED_LAYOUT, VOCSegDataError as DataError, load_voc_seg_records as load
+        from transfer.data.voc_seg import voc2012_dir as root_of
+        name, sizes = "VOC2012 segmentation", {"train_aug": "voc2012_train_aug", "val": "voc2012_val"}
+        get = ("extract VOCtrainval_11-May-2012.tar into {root}; build train_aug with "
+               "python tools/make_voc_train_aug.py --data-root DATA --sbd benchmark_RELEASE/dataset")
+    else:
+        from transfer.data.cityscapes import EXPECTED_LAYOUT, CityscapesDataError as DataError
+        from transfer.data.cityscapes import cityscapes_dir as root_of, load_cityscapes_semseg as load
+        name, sizes = "Cityscapes", {"train": "cityscapes_train", "val": "cityscapes_val"}
+        get = ("download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip (www.cityscapes-dataset.com) "
+               "and extract them in {root}")
+    report = d.DataReport(name, EXPECTED_LAYOUT)
+    root = root_of(data_root)
+    get = get.format(root=root)
+    for split in (cfg.data.train_split, cfg.data.test_split):
+        what = f"{name} {split}"
+        try:
+            records = load(data_root, split)
+        except DataError as e:
+            status = d.MISSING if not root.is_dir() else d.MALFORMED
+            report.add(what, status, str(e).split("; expected")[0],
+                       d.missing_dir(root, what, get) if not root.is_dir() else get)
+            continue
+        expected = d.DATASET_SIZES.get(sizes.get(split, ""))
+        report.add(what, d.count_status(len(records), expected), d.count_text(len(records), expected))
+        d.check_images(report, what, [Path(r["file_name"]) for r in records], quick)
+    return report
+
+
+def check_voc(data_root: Path, cfg: SemSegConfig, quick: bool):
+    return _check_semseg(data_root, cfg, quick, voc=True)
+
+
+def check_cityscapes(data_root: Path, cfg: SemSegConfig, quick: bool):
+    return _check_semseg(data_root, cfg, quick, voc=False)
+
+
 # MoCo v1 Table 6 (App. A.5's FCN-16s); mmselfsup's OS8 FCN-D8 row is another protocol and is not shown
 _BACKBONE = "FCN-16s_R50-dilated (App. A.5)"
 _PUBLISHED = {
@@ -104,13 +147,13 @@ _PUBLISHED = {
     "cityscapes_semseg": PublishedRows("cityscapes_semseg", _BACKBONE, ("Table6",), {"mIoU": "mIoU"}),
 }
 
-for _name, _file, _sets, _make, _desc in (
-    ("voc_semseg", "voc_semseg.yaml", ("VOCdevkit/VOC2012",), make_synthetic_voc,
+for _name, _file, _sets, _make, _check, _desc in (
+    ("voc_semseg", "voc_semseg.yaml", ("VOCdevkit/VOC2012",), make_synthetic_voc, check_voc,
      "FCN-16s R50 (dilated res5) on VOC2012 train_aug -> val, crop 513, 30k iters"),
-    ("cityscapes_semseg", "cityscapes_semseg.yaml", ("cityscapes",), make_synthetic_cityscapes,
+    ("cityscapes_semseg", "cityscapes_semseg.yaml", ("cityscapes",), make_synthetic_cityscapes, check_cityscapes,
      "FCN-16s R50 (dilated res5) on Cityscapes train_fine -> val, crop 769, 90k iters"),
 ):
     register_task(TaskSpec(name=_name, family="semantic_segmentation", schema=SemSegConfig, config_file=_file,
                            metrics=("mIoU",), datasets=_sets, description=_desc, effective=effective,
-                           make_synthetic=_make, published=(_PUBLISHED[_name],),
+                           make_synthetic=_make, check_data=_check, published=(_PUBLISHED[_name],),
                            protocol_trials=5))  # "averages over 5 trials" (App. A.5)
