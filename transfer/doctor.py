@@ -141,6 +141,24 @@ def check_images(report: DataReport, what: str, paths: Sequence[Path], quick: bo
     return len(bad)
 
 
+def check_listed_images(report: DataReport, what: str, images: Sequence[Path], expected: Optional[int],
+                        how_to_get: str, quick: bool, where: str) -> None:
+    """The images an annotation file names (COCO, LVIS): none present is ``missing``, some absent is
+    ``partial``; then the count against the real split and a decoded sample."""
+    present = [p for p in images if p.is_file()]
+    if not present:
+        report.add(what, MISSING, f"none of the {len(images)} images is under {where}",
+                   missing_dir(images[0].parent, what, how_to_get) if images else how_to_get)
+        return
+    detail = count_text(len(images), expected)
+    if len(present) < len(images):
+        report.add(what, PARTIAL, f"{detail}, {len(images) - len(present)} of them missing (e.g. "
+                   f"{next(p for p in images if not p.is_file())})", how_to_get)
+    else:
+        report.add(what, count_status(len(images), expected), detail)
+    check_images(report, what, present, quick)
+
+
 def check_json(report: DataReport, what: str, path: Path, how_to_get: str) -> Optional[Any]:
     """Parse a JSON annotation file; a missing or truncated file is a finding. Returns the parsed object."""
     if not Path(path).is_file():

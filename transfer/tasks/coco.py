@@ -115,20 +115,8 @@ def _check_coco(data_root: Path, cfg, quick: bool, keypoints: bool):
         except COCODataError as e:
             report.add(what, d.MALFORMED, str(e).split("; expected")[0], f"replace the file ({get})")
             continue
-        images = [image_root / im["file_name"] for im in data["images"]]
-        present = [p for p in images if p.is_file()]
-        expected = d.DATASET_SIZES.get(f"coco_{split}2017")
-        if not present:
-            report.add(what, d.MISSING, f"none of the {len(images)} images is under {image_root}",
-                       d.missing_dir(image_root, what, get))
-            continue
-        detail = d.count_text(len(images), expected)
-        if len(present) < len(images):
-            report.add(what, d.PARTIAL, f"{detail}, {len(images) - len(present)} of them missing (e.g. "
-                       f"{next(p for p in images if not p.is_file())})", get)
-        else:
-            report.add(what, d.count_status(len(images), expected), detail)
-        d.check_images(report, what, present, quick)
+        d.check_listed_images(report, what, [image_root / im["file_name"] for im in data["images"]],
+                              d.DATASET_SIZES.get(f"coco_{split}2017"), get, quick, str(image_root))
     return report
 
 

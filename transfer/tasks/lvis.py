@@ -88,20 +88,9 @@ def check_data(data_root: Path, cfg: LVISConfig, quick: bool):
         except LVISDataError as e:
             report.add(what, d.MALFORMED, str(e).split("; expected")[0], f"replace the file ({get})")
             continue
-        images = [image_file(coco_root, im["coco_url"]) for im in data["images"]]
-        present = [p for p in images if p.is_file()]
-        expected = d.DATASET_SIZES.get(f"lvis_v0.5_{split}")
-        if not present:
-            report.add(what, d.MISSING, f"none of the {len(images)} images is under {coco_root} (paths from coco_url)",
-                       d.missing_dir(images[0].parent, what, get) if images else get)
-            continue
-        detail = d.count_text(len(images), expected)
-        if len(present) < len(images):
-            report.add(what, d.PARTIAL, f"{detail}, {len(images) - len(present)} of them missing (e.g. "
-                       f"{next(p for p in images if not p.is_file())})", f"extract COCO's 2017 images ({get})")
-        else:
-            report.add(what, d.count_status(len(images), expected), detail)
-        d.check_images(report, what, present, quick)
+        d.check_listed_images(report, what, [image_file(coco_root, im["coco_url"]) for im in data["images"]],
+                              d.DATASET_SIZES.get(f"lvis_v0.5_{split}"), get, quick,
+                              f"{coco_root} (paths from coco_url)")
     return report
 
 
