@@ -69,6 +69,23 @@ _SOLVER = {
     "warmup_factor": ("SOLVER.WARMUP_FACTOR", _same),
 }
 
+# the fields C4Config and FPNConfig share, with the same Detectron2 key
+_RCNN_SHARED: Dict[str, Tuple[str, Convert]] = {
+    "aspect_ratios": ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", _one_map),
+    "rpn_pre_nms_topk_train": ("MODEL.RPN.PRE_NMS_TOPK_TRAIN", _same),
+    "rpn_post_nms_topk_train": ("MODEL.RPN.POST_NMS_TOPK_TRAIN", _same),
+    "rpn_pre_nms_topk_test": ("MODEL.RPN.PRE_NMS_TOPK_TEST", _same),
+    "rpn_post_nms_topk_test": ("MODEL.RPN.POST_NMS_TOPK_TEST", _same),
+    "rpn_nms_thresh": ("MODEL.RPN.NMS_THRESH", _same),
+    "rpn_batch_size_per_image": ("MODEL.RPN.BATCH_SIZE_PER_IMAGE", _same),
+    "rpn_positive_fraction": ("MODEL.RPN.POSITIVE_FRACTION", _same),
+    "roi_batch_size_per_image": ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", _same),
+    "roi_positive_fraction": ("MODEL.ROI_HEADS.POSITIVE_FRACTION", _same),
+    "test_score_thresh": ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", _same),
+    "test_nms_thresh": ("MODEL.ROI_HEADS.NMS_THRESH_TEST", _same),
+    "test_detections_per_img": ("TEST.DETECTIONS_PER_IMAGE", _same),
+}
+
 # keyed by the config dataclass's class name (transfer/tasks/*.py), then field name
 FIELD_KEYS: Dict[str, Dict[str, Tuple[str, Convert]]] = {
     "InputConfig": {
@@ -81,47 +98,23 @@ FIELD_KEYS: Dict[str, Dict[str, Tuple[str, Convert]]] = {
         "hflip_prob": ("_check.hflip_prob", _same),
     },
     "C4Config": {
+        **_RCNN_SHARED,
         "anchor_sizes": ("MODEL.ANCHOR_GENERATOR.SIZES", _one_map),
-        "aspect_ratios": ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", _one_map),
-        "rpn_pre_nms_topk_train": ("MODEL.RPN.PRE_NMS_TOPK_TRAIN", _same),
-        "rpn_post_nms_topk_train": ("MODEL.RPN.POST_NMS_TOPK_TRAIN", _same),
-        "rpn_pre_nms_topk_test": ("MODEL.RPN.PRE_NMS_TOPK_TEST", _same),
-        "rpn_post_nms_topk_test": ("MODEL.RPN.POST_NMS_TOPK_TEST", _same),
-        "rpn_nms_thresh": ("MODEL.RPN.NMS_THRESH", _same),
-        "rpn_batch_size_per_image": ("MODEL.RPN.BATCH_SIZE_PER_IMAGE", _same),
-        "rpn_positive_fraction": ("MODEL.RPN.POSITIVE_FRACTION", _same),
         "roi_resolution": ("MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", _same),
-        "roi_batch_size_per_image": ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", _same),
-        "roi_positive_fraction": ("MODEL.ROI_HEADS.POSITIVE_FRACTION", _same),
         "smooth_l1_beta": ("_both.SMOOTH_L1_BETA", _same),  # RPN and box head
         "extra_norm": ("MODEL.ROI_HEADS.NAME", lambda v: "Res5ROIHeadsExtraNorm" if v else "Res5ROIHeads"),
-        "test_score_thresh": ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", _same),
-        "test_nms_thresh": ("MODEL.ROI_HEADS.NMS_THRESH_TEST", _same),
-        "test_detections_per_img": ("TEST.DETECTIONS_PER_IMAGE", _same),
     },
     "FPNConfig": {
+        **_RCNN_SHARED,
         "out_channels": ("MODEL.FPN.OUT_CHANNELS", _same),
         "backbone_norm": ("MODEL.RESNETS.NORM", _d2_norm),
         "fpn_norm": ("MODEL.FPN.NORM", _d2_norm),
         "anchor_sizes": ("MODEL.ANCHOR_GENERATOR.SIZES", _per_level),
-        "aspect_ratios": ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", _one_map),
-        "rpn_pre_nms_topk_train": ("MODEL.RPN.PRE_NMS_TOPK_TRAIN", _same),
-        "rpn_post_nms_topk_train": ("MODEL.RPN.POST_NMS_TOPK_TRAIN", _same),
-        "rpn_pre_nms_topk_test": ("MODEL.RPN.PRE_NMS_TOPK_TEST", _same),
-        "rpn_post_nms_topk_test": ("MODEL.RPN.POST_NMS_TOPK_TEST", _same),
-        "rpn_nms_thresh": ("MODEL.RPN.NMS_THRESH", _same),
-        "rpn_batch_size_per_image": ("MODEL.RPN.BATCH_SIZE_PER_IMAGE", _same),
-        "rpn_positive_fraction": ("MODEL.RPN.POSITIVE_FRACTION", _same),
         "rpn_smooth_l1_beta": ("MODEL.RPN.SMOOTH_L1_BETA", _same),
         "box_pooler_resolution": ("MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", _same),
         "box_num_fc": ("MODEL.ROI_BOX_HEAD.NUM_FC", _same),
         "box_fc_dim": ("MODEL.ROI_BOX_HEAD.FC_DIM", _same),
         "box_smooth_l1_beta": ("MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA", _same),
-        "roi_batch_size_per_image": ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", _same),
-        "roi_positive_fraction": ("MODEL.ROI_HEADS.POSITIVE_FRACTION", _same),
-        "test_score_thresh": ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", _same),
-        "test_nms_thresh": ("MODEL.ROI_HEADS.NMS_THRESH_TEST", _same),
-        "test_detections_per_img": ("TEST.DETECTIONS_PER_IMAGE", _same),
     },
     "MaskHeadConfig": {
         "num_conv": ("MODEL.ROI_MASK_HEAD.NUM_CONV", _same),
