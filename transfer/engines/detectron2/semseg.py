@@ -17,13 +17,12 @@ from typing import Any, Callable, Dict, List
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator, SemSegEvaluator
 
 from transfer.context import TrialContext
+from transfer.data.semseg_sample import load_sample, scale_crop_flip
 from transfer.engines.detectron2.config import build_config
 from transfer.engines.detectron2.datasets import register_dataset
 from transfer.engines.detectron2.keys import TASK_YAML
@@ -61,37 +60,13 @@ class SemSegMapper:
         self.mean = torch.tensor(cfg.MODEL.PIXEL_MEAN, dtype=torch.float32).reshape(3, 1, 1)
 
     def __call__(self, record: dict) -> dict:
-        with Image.open(record["file_name"]) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        label = self.read_label(record)
-        if label.shape != arr.shape[:2]:
-            raise ValueError(f"{record['sem_seg_file_name']}: label {label.shape} and image {arr.shape[:2]} differ")
-        image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()
-        if self.bgr:
-            image = image.flip(0)
-        target = torch.from_numpy(label.astype(np.int64))
+        image, target = load_sample(record, self.read_label, self.bgr)
+        height, width = image.shape[-2:]
         if self.train:
-            image, target = self._augment(image, target)
+            image, target = scale_crop_flip(image, target, self.crop, self.scale_range, 0.5 if self.flip else 0.0,
+                                            self.ignore, fill=self.mean)
         return {"image": image.contiguous(), "sem_seg": target.contiguous(), "file_name": record["file_name"],
-                "height": int(arr.shape[0]), "width": int(arr.shape[1]), "image_id": record["image_id"]}
-
-    def _augment(self, image: torch.Tensor, label: torch.Tensor):
-        lo, hi = self.scale_range
-        s = lo + (hi - lo) * float(np.random.rand())
-        h, w = image.shape[-2:]
-        size = (max(1, round(h * s)), max(1, round(w * s)))
-        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-        label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
-        ph, pw = max(self.crop - size[0], 0), max(self.crop - size[1], 0)
-        if ph or pw:  # right/bottom: the pixel mean (0 after normalisation), labels ignored
-            image = F.pad(image - self.mean, (0, pw, 0, ph), value=0.0) + self.mean
-            label = F.pad(label, (0, pw, 0, ph), value=self.ignore)
-        h, w = image.shape[-2:]
-        y, x = np.random.randint(h - self.crop + 1), np.random.randint(w - self.crop + 1)
-        image, label = image[:, y:y + self.crop, x:x + self.crop], label[y:y + self.crop, x:x + self.crop]
-        if self.flip and np.random.rand() < 0.5:
-            image, label = image.flip(-1), label.flip(-1)
-        return image, label
+                "height": int(height), "width": int(width), "image_id": record["image_id"]}
 
 
 class SuiteSemSegEvaluator(DatasetEvaluator):

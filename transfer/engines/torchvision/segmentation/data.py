@@ -1,10 +1,6 @@
-"""Semantic-segmentation samples for the FCN: App. A.5's training augmentation and full-size test images.
-
-Training: "random scaling (by a ratio in [0.5, 2.0]), cropping, and horizontal flipping" -- the image is
-resized by a uniform random ratio (bilinear; labels nearest), padded to the crop size where smaller (the image
-mean, i.e. 0 after normalisation; labels the ignore value: the paper is silent on both), randomly cropped
-and flipped. Test: the original image, normalised ("Inference is performed on the original image size").
-Randomness comes from torch's generator, which DataLoader seeds per worker.
+"""Semantic-segmentation samples for the FCN on the built-in engine: App. A.5's training augmentation
+(:mod:`transfer.data.semseg_sample`) on normalised images, and full-size test images ("Inference is performed
+on the original image size").
 """
 from __future__ import annotations
 
@@ -12,9 +8,9 @@ from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
+
+from transfer.data.semseg_sample import load_sample, scale_crop_flip
 
 
 class SemSegDataset(Dataset):
@@ -41,34 +37,12 @@ class SemSegDataset(Dataset):
         return len(self.records)
 
     def _load(self, r: dict) -> Tuple[torch.Tensor, torch.Tensor]:
-        with Image.open(r["file_name"]) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        label = self.read_label(r)
-        if label.shape != arr.shape[:2]:
-            raise ValueError(f"{r['sem_seg_file_name']}: label {label.shape} and image {arr.shape[:2]} differ in size")
-        image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()
-        if self.bgr:
-            image = image.flip(0)
-        return (image - self.mean) / self.std, torch.from_numpy(label.astype(np.int64))
+        image, label = load_sample(r, self.read_label, self.bgr)
+        return (image - self.mean) / self.std, label
 
     def _augment(self, image: torch.Tensor, label: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = self.scale_range
-        s = lo + (hi - lo) * float(torch.rand(()))
-        h, w = image.shape[-2:]
-        size = (max(1, round(h * s)), max(1, round(w * s)))
-        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-        label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
-        ph, pw = max(self.crop - size[0], 0), max(self.crop - size[1], 0)
-        if ph or pw:  # pad right/bottom: 0 = the image mean after normalisation, labels ignored
-            image = F.pad(image, (0, pw, 0, ph), value=0.0)
-            label = F.pad(label, (0, pw, 0, ph), value=self.ignore_label)
-        h, w = image.shape[-2:]
-        y = int(torch.randint(h - self.crop + 1, ()))
-        x = int(torch.randint(w - self.crop + 1, ()))
-        image, label = image[:, y:y + self.crop, x:x + self.crop], label[y:y + self.crop, x:x + self.crop]
-        if float(torch.rand(())) < self.hflip_prob:
-            image, label = image.flip(-1), label.flip(-1)
-        return image.contiguous(), label.contiguous()
+        # normalised image: the pixel mean is 0
+        return scale_crop_flip(image, label, self.crop, self.scale_range, self.hflip_prob, self.ignore_label)
 
     def __getitem__(self, idx: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
         image, label = self._load(self.records[idx])
