@@ -102,12 +102,22 @@ def load_exact(model: nn.Module, state: Dict[str, torch.Tensor], expected_missin
     model.load_state_dict(state, strict=False)
 
 
-def load_resnet_weights(model: torchvision.models.ResNet, weights: BackboneWeights) -> None:
-    """Copy ``weights.state_dict`` (torchvision keys, no ``fc``) into ``model``; exactly ``fc.*`` stays untouched."""
+def load_backbone(model: nn.Module, weights: BackboneWeights, key_map: Optional[Dict[str, str]],
+                  new_keys: Set[str]) -> None:
+    """Copy ``weights.state_dict`` (torchvision ResNet keys, no ``fc``) into ``model``, each stage under
+    ``key_map``'s prefix (None: as is); exactly ``new_keys`` (the heads) stay as built, else
+    :class:`WeightLoadError`. Refuses weights whose stride placement differs from the model's; random init
+    (the "random" baseline) loads nothing."""
     if weights.state_dict is None:
-        return  # random init (the "random" baseline)
+        return
     check_stride_placement(model, weights)
-    load_exact(model, dict(weights.state_dict), {"fc.weight", "fc.bias"}, weights.name)
+    state = remap_resnet_keys(weights.state_dict, key_map) if key_map else dict(weights.state_dict)
+    load_exact(model, state, new_keys, weights.name)
+
+
+def load_resnet_weights(model: torchvision.models.ResNet, weights: BackboneWeights) -> None:
+    """Copy ``weights.state_dict`` into a classification ResNet; exactly ``fc.*`` stays untouched."""
+    load_backbone(model, weights, None, {"fc.weight", "fc.bias"})
 
 
 def remap_resnet_keys(state_dict: Dict[str, torch.Tensor], prefixes: Dict[str, str]) -> Dict[str, torch.Tensor]:

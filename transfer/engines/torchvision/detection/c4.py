@@ -34,8 +34,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RPNHead
 
-from transfer.engines.torchvision.backbone import (build_backbone_resnet, check_stride_placement, load_exact,
-                                                   remap_resnet_keys, resnet_stage_channels)
+from transfer.engines.torchvision.backbone import build_backbone_resnet, load_backbone, resnet_stage_channels
 from transfer.engines.torchvision.detection.rcnn import (D2LossRoIHeads, D2LossRPN, DetectionTransform,  # noqa: F401
                                                          RoIAlignV2, build_mask_branch, fast_rcnn_losses,
                                                          init_box_predictor)
@@ -137,8 +136,4 @@ def c4_head_keys(model: nn.Module) -> set:
 
 def load_c4_weights(model: nn.Module, weights: BackboneWeights) -> None:
     """Copy the backbone tensors into trunk and res5; assert that exactly the heads were not loaded."""
-    if weights.state_dict is None:
-        return  # random init baseline
-    check_stride_placement(model, weights)
-    sd = remap_resnet_keys(weights.state_dict, C4_KEY_MAP)
-    load_exact(model, sd, c4_head_keys(model), weights.name)
+    load_backbone(model, weights, C4_KEY_MAP, c4_head_keys(model))

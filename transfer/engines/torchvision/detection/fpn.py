@@ -30,8 +30,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from transfer.engines.torchvision.backbone import (build_backbone_resnet, check_stride_placement, load_exact,
-                                                   remap_resnet_keys)
+from transfer.engines.torchvision.backbone import build_backbone_resnet, load_backbone
 from transfer.engines.torchvision.detection.rcnn import (D2LossRoIHeads, D2LossRPN, DetectionTransform,
                                                          FPNRoIAlignV2, build_mask_branch, init_box_predictor)
 from transfer.tasks.detection import FPNConfig, InputConfig, KeypointHeadConfig, MaskHeadConfig
@@ -149,7 +148,4 @@ def fpn_new_keys(model: nn.Module) -> set:
 
 def load_fpn_weights(model: nn.Module, weights: BackboneWeights) -> None:
     """Copy the backbone tensors into ``backbone.body``; assert that exactly FPN, RPN and heads were not loaded."""
-    if weights.state_dict is None:
-        return  # random init baseline
-    check_stride_placement(model, weights)
-    load_exact(model, remap_resnet_keys(weights.state_dict, FPN_KEY_MAP), fpn_new_keys(model), weights.name)
+    load_backbone(model, weights, FPN_KEY_MAP, fpn_new_keys(model))

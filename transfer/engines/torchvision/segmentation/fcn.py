@@ -15,14 +15,11 @@ on CUDA, which compute the same statistics here (every process has the same numb
 """
 from __future__ import annotations
 
-from typing import Dict
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfer.engines.torchvision.backbone import (build_backbone_resnet, check_stride_placement, load_exact,
-                                                   remap_resnet_keys)
+from transfer.engines.torchvision.backbone import build_backbone_resnet, load_backbone
 from transfer.weights.resolve import BackboneWeights
 
 # where each torchvision ResNet part lives in the FCN
@@ -112,8 +109,4 @@ def fcn_head_keys(model: nn.Module) -> set:
 
 def load_fcn_weights(model: FCN, weights: BackboneWeights) -> None:
     """Copy the backbone tensors; assert that exactly the head was not loaded (random init: nothing to do)."""
-    if weights.state_dict is None:
-        return
-    check_stride_placement(model, weights)
-    state: Dict[str, torch.Tensor] = remap_resnet_keys(weights.state_dict, FCN_KEY_MAP)
-    load_exact(model, state, fcn_head_keys(model), weights.name)
+    load_backbone(model, weights, FCN_KEY_MAP, fcn_head_keys(model))
