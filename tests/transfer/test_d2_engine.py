@@ -249,3 +249,15 @@ def test_fcn16s_reads_palette_labels_as_indices_and_predicts_at_the_input_size(t
     with torch.no_grad():
         pred = model([out])[0]["sem_seg"]
     assert pred.shape == (21, 40, 56)
+
+
+@needs_d2
+def test_basicblock_resnet_is_refused_for_the_fcn_with_the_reason(tmp_path):
+    """Detectron2 cannot dilate an R18/R34 res5: one clear line, not the C4 message or an assertion deep in the
+    build."""
+    from transfer.engines.detectron2.config import build_config
+
+    load_builtin_tasks()
+    with pytest.raises(ValueError, match="without the res5 dilation the FCN-16s needs"):
+        build_config(TASK_YAML["voc_semseg"], _task_cfg("voc_semseg", "smoke"), _resnet_weights("resnet18"),
+                     _ctx(tmp_path, "voc_semseg"), ["a"], ["b"], 0)
