@@ -28,6 +28,8 @@ class CityscapesInstDataConfig:
     train_split: str = "train"  # cityscapes/leftImg8bit/<split>, instances from gtFine/<split>/*_instanceIds.png
     test_split: str = "val"
     num_workers: int = run_setting(4)
+    # unreadable images are skipped and counted (metrics.json); above this fraction of a dataset the trial fails
+    max_unreadable_fraction: float = run_setting(0.001)
 
 
 @dataclass(frozen=True)

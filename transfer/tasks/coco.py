@@ -27,6 +27,8 @@ class COCODataConfig:
     train_split: str = "train"  # coco/annotations/<kind>_train2017.json and coco/train2017/
     test_split: str = "val"
     num_workers: int = run_setting(4)
+    # unreadable images are skipped and counted (metrics.json); above this fraction of a dataset the trial fails
+    max_unreadable_fraction: float = run_setting(0.001)
 
 
 def _input(size_divisible: int) -> InputConfig:

@@ -30,6 +30,8 @@ class LVISDataConfig:
     # DATALOADER.REPEAT_THRESHOLD: r(c) = max(1, sqrt(t / f(c))) (LVIS paper App. B.2); 0 = uniform sampling
     repeat_threshold: float = 0.001
     num_workers: int = run_setting(4)
+    # unreadable images are skipped and counted (metrics.json); above this fraction of a dataset the trial fails
+    max_unreadable_fraction: float = run_setting(0.001)
 
 
 def _solver(iterations: int, steps: List[int]) -> SolverConfig:

@@ -23,6 +23,8 @@ class SemSegDataConfig:
     train_split: str = "train_aug"  # VOC: ImageSets/Segmentation/<split>.txt; Cityscapes: leftImg8bit/<split>
     test_split: str = "val"
     num_workers: int = run_setting(4)
+    # unreadable images are skipped and counted (metrics.json); above this fraction of a dataset the trial fails
+    max_unreadable_fraction: float = run_setting(0.001)
 
 
 @dataclass(frozen=True)
