@@ -28,6 +28,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from pretrain.data.folder import unreadable_tracker
+
 log = logging.getLogger(__name__)
 
 COCO_EXPECTED_LAYOUT = (
@@ -228,10 +230,17 @@ class COCOInstances(Dataset):
     = category_id + 1, "masks": (N, H, W) uint8 (``with_masks``), "keypoints": (N, K, 3) float
     (x, y, v) (when ``keypoint_flip_indices`` is given)}``, crowd and empty boxes left out.
     Horizontal flip with probability ``hflip_prob``; resizing is the model's transform.
+
+    Unreadable images are skipped and counted (``pretrain.data.folder.count_unreadable``). Training
+    (``stand_in=True``): the next readable record stands in, image and targets, so batches keep their size.
+    Evaluation (``stand_in=False``): no other image may stand in under this image's id, so an unreadable one
+    gives ``(None, {"image_id": id})``; the evaluation loop makes no prediction for it and its ground truth
+    still counts (as missed objects), so a broken test image can only lower the metrics.
     """
 
     def __init__(self, records: List[dict], input_format: str = "RGB", *, hflip_prob: float = 0.0,
-                 with_masks: bool = False, keypoint_flip_indices: Optional[List[int]] = None):
+                 with_masks: bool = False, keypoint_flip_indices: Optional[List[int]] = None,
+                 stand_in: bool = True):
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"input_format must be RGB or BGR, got {input_format!r}")
         if keypoint_flip_indices is not None and sorted(keypoint_flip_indices) != list(range(len(keypoint_flip_indices))):
@@ -241,24 +250,28 @@ class COCOInstances(Dataset):
         self.hflip_prob = hflip_prob
         self.with_masks = with_masks
         self.flip_indices = keypoint_flip_indices
+        self.stand_in = stand_in
+        self.unreadable = unreadable_tracker([r["file_name"] for r in records])
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _read(self, r: dict) -> np.ndarray:
-        try:
-            with Image.open(r["file_name"]) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except OSError as e:
-            raise COCODataError(f"cannot read COCO image {r['file_name']}: {e}; {COCO_EXPECTED_LAYOUT}") from None
+    def _decode(self, idx: int) -> np.ndarray:
+        with Image.open(self.records[idx]["file_name"]) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+    def _check_size(self, r: dict, arr: np.ndarray) -> None:
         if arr.shape[:2] != (r["height"], r["width"]):  # Detectron2's check_image_size
             raise COCODataError(f"image {r['file_name']} is {arr.shape[1]}x{arr.shape[0]} but its json says "
                                 f"{r['width']}x{r['height']}; {COCO_EXPECTED_LAYOUT}")
-        return arr
 
-    def __getitem__(self, idx: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        r = self.records[idx]
-        arr = self._read(r)
+    def __getitem__(self, idx: int) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+        # an unreadable image is flagged and counted; the first readable record from idx on is returned
+        j, arr = self.unreadable.read(idx, self._decode)
+        if j != idx and not self.stand_in:
+            return None, {"image_id": self.records[idx]["image_id"]}
+        r = self.records[j]
+        self._check_size(r, arr)
         height, width = arr.shape[:2]
         anns = [a for a in r["annotations"] if a.get("iscrowd", 0) == 0]
         boxes = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)

@@ -30,13 +30,19 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def evaluate_cityscapes_instances(model: torch.nn.Module, records: list, meta: dict, input_format: str,
                                   num_workers: int, device: torch.device, pred_dir) -> Dict[str, float]:
-    """Segment this rank's share of ``records`` into prediction files; AP and AP50 on rank 0 (``{}`` elsewhere)."""
-    loader = loop.inference_loader(COCOInstances(records, input_format), num_workers, collate_coco)
+    """Segment this rank's share of ``records`` into prediction files; AP and AP50 on rank 0 (``{}`` elsewhere).
+
+    An unreadable image is counted and gets an empty prediction file (cityscapesscripts needs one per
+    ground-truth image): its ground-truth instances still count, as missed (:class:`COCOInstances`)."""
+    loader = loop.inference_loader(COCOInstances(records, input_format, stand_in=False), num_workers, collate_coco)
     net = loop.unwrap(model)
     net.eval()
     evaluator = CityscapesInstanceEvaluator(meta["gt_dir"], pred_dir, meta["thing_classes"])
     file_names = {r["image_id"]: r["file_name"] for r in records}
     for images, targets in tqdm(loader, desc="eval", disable=not dist.is_main(), dynamic_ncols=True):
+        if images[0] is None:  # unreadable: no detections
+            evaluator.process(file_names[targets[0]["image_id"]], [], [], [])
+            continue
         out = {k: v.cpu().numpy() for k, v in net([im.to(device) for im in images])[0].items()}
         # model labels are 1..C (0 = background); the evaluator wants contiguous 0..C-1
         evaluator.process(file_names[targets[0]["image_id"]], out["masks"], out["scores"], out["labels"] - 1)

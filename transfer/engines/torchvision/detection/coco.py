@@ -35,12 +35,16 @@ def _numpy(out: Dict[str, torch.Tensor], key: str):
 @torch.no_grad()
 def evaluate_coco(model: torch.nn.Module, records: list, meta: dict, iou_types, input_format: str,
                   num_workers: int, device: torch.device) -> Dict[str, float]:
-    """Detect on this rank's share of ``records``; COCO AP of ``iou_types`` on rank 0 (``{}`` elsewhere)."""
-    loader = loop.inference_loader(COCOInstances(records, input_format), num_workers, collate_coco)
+    """Detect on this rank's share of ``records``; COCO AP of ``iou_types`` on rank 0 (``{}`` elsewhere).
+
+    An unreadable image is counted and gets no detections; its ground truth still counts (:class:`COCOInstances`)."""
+    loader = loop.inference_loader(COCOInstances(records, input_format, stand_in=False), num_workers, collate_coco)
     net = loop.unwrap(model)
     net.eval()
     evaluator = COCOEvaluator(meta["json_file"], iou_types)
     for images, targets in tqdm(loader, desc="eval", disable=not dist.is_main(), dynamic_ncols=True):
+        if images[0] is None:  # unreadable: no detections
+            continue
         out = net([im.to(device) for im in images])[0]
         # model labels are 1..C (0 = background); the evaluator wants contiguous ids 0..C-1
         evaluator.process(instances_to_coco_results(

@@ -30,12 +30,16 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def evaluate_lvis(model: torch.nn.Module, records: list, meta: dict, input_format: str, num_workers: int,
                   device: torch.device, max_dets_per_image: int) -> Dict[str, float]:
-    """Detect on this rank's share of ``records``; LVIS box and mask AP on rank 0 (``{}`` elsewhere)."""
-    loader = loop.inference_loader(COCOInstances(records, input_format), num_workers, collate_coco)
+    """Detect on this rank's share of ``records``; LVIS box and mask AP on rank 0 (``{}`` elsewhere).
+
+    An unreadable image is counted and gets no detections; its ground truth still counts (:class:`COCOInstances`)."""
+    loader = loop.inference_loader(COCOInstances(records, input_format, stand_in=False), num_workers, collate_coco)
     net = loop.unwrap(model)
     net.eval()
     evaluator = LVISEvaluator(meta["json_file"], ("bbox", "segm"), max_dets_per_image)
     for images, targets in tqdm(loader, desc="eval", disable=not dist.is_main(), dynamic_ncols=True):
+        if images[0] is None:  # unreadable: no detections
+            continue
         out = {k: v.cpu().numpy() for k, v in net([im.to(device) for im in images])[0].items()}
         # model labels are 1..C (0 = background) -> contiguous 0..C-1 -> LVIS category ids
         evaluator.process(instances_to_coco_results(targets[0]["image_id"], out["boxes"], out["scores"],
