@@ -17,7 +17,6 @@ from pretrain.data.folder import DatasetLayoutError, LabelledImages
 from pretrain.knn import knn_scores_from_topk, knn_topk, topk_accuracy
 from pretrain.resnet import PooledBackbone
 from pretrain.utils import dist
-from pretrain.utils.config import protocol_dict
 from pretrain.utils.io import atomic_write_json
 from transfer.context import TrialContext
 from transfer.engines.torchvision.backbone import build_backbone_resnet, load_resnet_weights
@@ -25,6 +24,7 @@ from transfer.engines.torchvision.classification.feature_cache import dataset_fi
 from transfer.engines.torchvision.classification.linear import (EpochSamples, ResumableDistributedSampler,
                                                                  attach_linear_head, backbone_digest,
                                                                  probe_with_wd_sweep, train_linear)
+from transfer.engines.torchvision.trial_checkpoint import trial_protocol
 from transfer.registry import register_engine
 from transfer.tasks.imagenet import FastLinearTaskConfig, ImageNetDataConfig, KnnTaskConfig, LinearTaskConfig
 from transfer.weights.resolve import BackboneWeights
@@ -151,7 +151,7 @@ def run_linear(cfg: LinearTaskConfig, weights: BackboneWeights, ctx: TrialContex
     # every val image exactly once over the ranks (no DistributedSampler padding)
     val_part = Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world_size))
     val_loader = DataLoader(val_part, batch_size=per_rank, num_workers=cfg.data.workers, pin_memory=pin)
-    protocol = {"config": protocol_dict(cfg), "seed": ctx.seed, "world_size": ctx.world_size}
+    protocol = trial_protocol(cfg, ctx.seed, ctx.world_size)
     metrics, history = train_linear(model, train_loader, val_loader, cfg.optim, ctx.device,
                                     checkpoint=Path(ctx.output_dir) / "linear_checkpoint.pth", protocol=protocol)
     if dist.is_main():

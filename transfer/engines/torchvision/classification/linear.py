@@ -27,6 +27,7 @@ from pretrain.schedule import step_lr
 from pretrain.utils import dist
 from pretrain.utils.io import atomic_torch_save, safe_torch_load
 from transfer.engines.torchvision.classification.feature_cache import state_digest
+from transfer.engines.torchvision.trial_checkpoint import check_protocol
 from transfer.tasks.imagenet import LinearOptimConfig
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 
 class BackboneChangedError(RuntimeError):
     """A backbone tensor or BN buffer changed during linear training."""
-
-
-class ProtocolChangedError(RuntimeError):
-    """A trial's checkpoint was written with another protocol (config, seed or world size)."""
 
 
 class EpochSamples(Dataset):
@@ -144,11 +141,8 @@ def train_linear(
         ckpt = safe_torch_load(checkpoint, map_location=device)
         if ckpt["backbone_digest"] != digest:
             raise BackboneChangedError(f"{checkpoint} was trained on a different backbone; delete it to restart")
-        if protocol is not None and ckpt.get("protocol") != protocol:
-            old = ckpt.get("protocol") or {}
-            diff = sorted(k for k in set(old) | set(protocol) if old.get(k) != protocol.get(k))
-            raise ProtocolChangedError(f"{checkpoint} was written with another protocol (differs in: "
-                                       f"{', '.join(diff) or 'unknown'}); delete it or choose another --output")
+        if protocol is not None:
+            check_protocol(checkpoint, ckpt.get("protocol"), protocol)
         model.fc.load_state_dict(ckpt["fc"])
         opt.load_state_dict(ckpt["optimizer"])
         start, start_iter, history = int(ckpt["epoch"]), int(ckpt.get("iteration", 0)), list(ckpt["history"])

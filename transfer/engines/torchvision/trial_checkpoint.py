@@ -1,0 +1,117 @@
+"""Resumable built-in trials: one checkpoint file per trial folder, written atomically by rank 0.
+
+What a killed detection or segmentation trial needs to continue exactly as if it had never stopped
+(bit-identical metrics on CPU, tested by killing trials with SIGKILL):
+
+- the model's parameters and buffers (BN statistics included) and the optimizer's state (momentum);
+- the iteration, which is also the data stream's position: every training sample is keyed by its place in
+  this process's endless index stream and augmented from (seed, rank, place) alone
+  (:class:`transfer.engines.torchvision.detection.samplers.KeyedSamples`), so a resumed run replays the index
+  stream (indices only, no images) up to that batch and needs no loader state;
+- every process's RNG states (torch, CUDA, numpy, python): torchvision's detectors draw their training
+  resize and their RPN and RoI samples from the global torch RNG;
+- the stage: ``train`` (mid-schedule), ``trained`` (schedule done, before PreciseBN: a rerun redoes PreciseBN
+  from the same batches), ``final`` (after PreciseBN: a rerun only evaluates; no optimizer state is kept);
+- the protocol (the config fields that change results, the seed, the world size): a checkpoint of another
+  protocol is refused with the fields that differ, never silently mixed into a result.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from pretrain.checkpoint import rng_state, set_rng_state
+from pretrain.utils import dist
+from pretrain.utils.config import protocol_dict
+from pretrain.utils.io import atomic_torch_save, safe_torch_load
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pth"
+STAGES = ("train", "trained", "final")
+
+
+class ProtocolChangedError(RuntimeError):
+    """A trial's checkpoint was written with another protocol (config, seed or world size)."""
+
+
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def protocol_differences(old: Optional[dict], new: dict) -> List[str]:
+    """The dotted names whose values differ between two protocols (``config.solver.base_lr``, ``seed``, ...)."""
+    a, b = _flatten(old or {}), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def check_protocol(path: Path, saved: Optional[dict], protocol: dict) -> None:
+    """Raise :class:`ProtocolChangedError` naming the differing fields when ``saved`` is not ``protocol``."""
+    if saved == protocol:
+        return
+    diff = protocol_differences(saved, protocol)
+    raise ProtocolChangedError(f"{path} was written with another protocol (differs in: {', '.join(diff) or 'unknown'});"
+                               " delete it to restart the trial, or choose another --output")
+
+
+def trial_protocol(cfg: Any, seed: int, world_size: int) -> dict:
+    """What must match for a checkpoint to be continued: the result-changing config, the seed, the world size."""
+    return {"config": protocol_dict(cfg), "seed": int(seed), "world_size": int(world_size)}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class TrialCheckpoint:
+    """``<trial>/checkpoint.pth``: :meth:`save` (a collective: every process's RNG state is gathered to rank 0,
+    which writes atomically) and :meth:`restore` (every process reads the file; a shared file system is assumed,
+    as Detectron2's checkpointer does)."""
+
+    def __init__(self, path: Path, protocol: dict):
+        self.path, self.protocol = Path(path), protocol
+
+    def save(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, stage: str, iteration: int,
+             losses: Dict[str, float]) -> None:
+        assert stage in STAGES, stage
+        rngs = dist.gather_objects(rng_state())
+        if dist.is_main():
+            atomic_torch_save({
+                "stage": stage, "iteration": int(iteration), "model": _unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "rng": rngs, "losses": {k: float(v) for k, v in losses.items()}, "protocol": self.protocol,
+            }, self.path)
+            log.info("checkpoint (%s, iteration %d) -> %s", stage, iteration, self.path)
+
+    def restore(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Optional[dict]:
+        """Load the model (and the optimizer while training) and this process's RNG states from the checkpoint;
+        returns ``{"stage", "iteration", "losses"}``, or None when there is none (a fresh trial).
+
+        Call it last before the loop: the RNG states are restored here, and anything drawn after them
+        (e.g. a model's random init) would shift the stream."""
+        if not self.path.is_file():
+            return None
+        state = safe_torch_load(self.path, map_location="cpu")  # RNG states must be CPU tensors
+        check_protocol(self.path, state.get("protocol"), self.protocol)
+        if state.get("stage") not in STAGES:
+            raise ValueError(f"{self.path}: not a trial checkpoint of this suite (stage {state.get('stage')!r}); "
+                             "delete it to restart the trial")
+        _unwrap(model).load_state_dict(state["model"])
+        if optimizer is not None and state["optimizer"] is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        rngs = state["rng"]
+        if len(rngs) != dist.world_size():  # the protocol holds the world size; this guards a hand-edited file
+            raise ValueError(f"{self.path} holds RNG states of {len(rngs)} processes, this run has "
+                             f"{dist.world_size()}")
+        set_rng_state(rngs[dist.rank()])
+        log.info("resuming the trial from %s (%s, iteration %d)", self.path, state["stage"], state["iteration"])
+        return {"stage": state["stage"], "iteration": int(state["iteration"]), "losses": dict(state["losses"])}
