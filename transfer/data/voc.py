@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -137,16 +137,20 @@ class VOCDetection(Dataset):
     image: (3, H, W) float in [0, 1], channels in ``input_format`` order (``"BGR"`` reverses RGB);
     target: ``{"boxes": (K, 4) float xyxy 0-based, "labels": (K,) int64, "image_id": str}``.
     Horizontal flip with probability ``hflip_prob`` (training); resizing is the model's transform.
-    Unreadable images are skipped and counted (``pretrain.data.folder.count_unreadable``).
+    Unreadable images are skipped and counted (``pretrain.data.folder.count_unreadable``): for training the next
+    readable record stands in; with ``stand_in=False`` (evaluation) an unreadable image gives
+    ``(None, {"image_id": id})`` instead, as ``transfer.data.coco.COCOInstances`` does.
     """
 
-    def __init__(self, records: List[dict], input_format: str = "RGB", hflip_prob: float = 0.0, seed: int = 0):
+    def __init__(self, records: List[dict], input_format: str = "RGB", hflip_prob: float = 0.0, seed: int = 0,
+                 stand_in: bool = True):
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"input_format must be RGB or BGR, got {input_format!r}")
         self.records = records
         self.bgr = input_format == "BGR"
         self.hflip_prob = hflip_prob
         self.seed = seed
+        self.stand_in = stand_in
         self.unreadable = unreadable_tracker([r["file_name"] for r in records])
 
     def _decode(self, idx: int) -> np.ndarray:
@@ -156,10 +160,12 @@ class VOCDetection(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, idx: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def __getitem__(self, idx: int) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         # an unreadable image is flagged and counted; the next readable record stands in (image and boxes)
-        idx, arr = self.unreadable.read(idx, self._decode)
-        r = self.records[idx]
+        j, arr = self.unreadable.read(idx, self._decode)
+        if j != idx and not self.stand_in:
+            return None, {"image_id": self.records[idx]["image_id"]}
+        r = self.records[j]
         image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
         if self.bgr:
             image = image.flip(0)

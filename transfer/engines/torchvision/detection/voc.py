@@ -27,13 +27,19 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def evaluate_voc(model: torch.nn.Module, cfg: VOCDetConfig, data_root: Path, input_format: str,
                  device: torch.device) -> Dict[str, float]:
-    """Detect on this rank's share of the test set, gather on rank 0, and compute AP/AP50/AP75 there."""
+    """Detect on this rank's share of the test set, gather on rank 0, and compute AP/AP50/AP75 there.
+
+    An unreadable test image is counted and gets no detections (no other image stands in under its id); its
+    ground-truth objects still count, as missed."""
     records = load_voc_records(data_root, cfg.data.test_set)
-    loader = loop.inference_loader(VOCDetection(records, input_format), cfg.data.num_workers, collate_detection)
+    loader = loop.inference_loader(VOCDetection(records, input_format, stand_in=False), cfg.data.num_workers,
+                                   collate_detection)
     net = loop.unwrap(model)
     net.eval()
     evaluator = VOCDetectionEvaluator({r["image_id"]: r["objects"] for r in records}, VOC_CLASSES)
     for images, targets in tqdm(loader, desc="eval", disable=not dist.is_main(), dynamic_ncols=True):
+        if images[0] is None:  # unreadable: no detections
+            continue
         out = net([im.to(device) for im in images])[0]
         # model labels are 1..20 (0 = background); the evaluator wants 0-based class indices
         evaluator.process(targets[0]["image_id"], out["boxes"].cpu().numpy(), out["scores"].cpu().numpy(),
