@@ -16,16 +16,36 @@ import torch.nn.functional as F
 from PIL import Image
 
 
+class SampleSizeError(RuntimeError):
+    """An image and its label map differ in size (a broken dataset, not an unreadable file)."""
+
+
+def read_label_file(record: dict, read_label: Callable[[dict], np.ndarray]) -> np.ndarray:
+    """``read_label(record)``; a label file that does not decode raises ``OSError`` naming it (an unreadable
+    file, skipped and counted by the datasets), whatever the reader raised; other errors pass unchanged."""
+    try:
+        return read_label(record)
+    except Exception:
+        path = record.get("sem_seg_file_name")
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except OSError as e:  # the readers wrap this in their layout errors; here it is only this file
+            raise OSError(f"unreadable label {path}: {e}") from None
+        raise
+
+
 def load_sample(record: dict, read_label: Callable[[dict], np.ndarray],
                 bgr: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``record["file_name"]`` as a (3, H, W) float tensor on the 0-255 scale (BGR when ``bgr``) and its
-    (H, W) int64 label map from ``read_label(record)``; raises when their sizes differ."""
+    (H, W) int64 label map from ``read_label(record)``. An image or label file that does not decode raises
+    ``OSError`` (:func:`read_label_file`); sizes that differ raise :class:`SampleSizeError`."""
     with Image.open(record["file_name"]) as im:
         arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    label = read_label(record)
+    label = read_label_file(record, read_label)
     if label.shape != arr.shape[:2]:
-        raise ValueError(f"{record['sem_seg_file_name']}: label {label.shape} and image {arr.shape[:2]} "
-                         f"differ in size")
+        raise SampleSizeError(f"{record['sem_seg_file_name']}: label {label.shape} and image {arr.shape[:2]} "
+                              f"differ in size")
     image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()
     if bgr:
         image = image.flip(0)

@@ -8,6 +8,9 @@ out everywhere. Checked against both on identical predictions: ``tests/transfer/
 (cityscapesscripts) and the recorded Detectron2 check in the closing note of issue 12.
 
 Several processes: each accumulates its share, :meth:`SemSegEvaluator.all_reduce` sums the matrices.
+
+An image that could not be predicted (unreadable, :meth:`SemSegEvaluator.process_unpredicted`) still has its
+ground truth counted: its labelled pixels are false negatives of their classes (no class gains a false positive).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class SemSegEvaluator:
         self.num_classes, self.ignore_label, self.mean_over = num_classes, ignore_label, mean_over
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         self.conf: Optional[torch.Tensor] = None
+        self.missed: Optional[torch.Tensor] = None  # (num_classes,) ground-truth pixels of unpredicted images
 
     def process(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
         """Add one image (or a batch). pred, gt: integer (H, W) or (N, H, W) of the same shape; gt holds
@@ -56,6 +60,22 @@ class SemSegEvaluator:
         counts = torch.bincount(gt * n + pred, minlength=n * n).reshape(n, n)
         self.conf = counts if self.conf is None else self.conf + counts.to(self.conf.device)
 
+    def process_unpredicted(self, gt: torch.Tensor) -> None:
+        """Add an image that got no prediction: gt (H, W) as in :meth:`process`; its pixels count as missed."""
+        gt = torch.as_tensor(gt).long().reshape(-1)
+        gt = gt[gt != self.ignore_label]
+        n = self.num_classes
+        if gt.numel() and (int(gt.max()) >= n or int(gt.min()) < 0):
+            raise ValueError(f"ground-truth label {int(gt.max())} outside 0..{n - 1} (and ignore {self.ignore_label})")
+        counts = torch.bincount(gt, minlength=n)
+        self.missed = counts if self.missed is None else self.missed + counts.to(self.missed.device)
+
+    def missed_pixels(self) -> np.ndarray:
+        """(num_classes,) int64: ground-truth pixels of the images processed with :meth:`process_unpredicted`."""
+        if self.missed is None:
+            return np.zeros(self.num_classes, dtype=np.int64)
+        return self.missed.cpu().numpy().astype(np.int64)
+
     def matrix(self) -> np.ndarray:
         """conf[gt, pred] as int64 numpy (zeros before anything was processed)."""
         if self.conf is None:
@@ -68,21 +88,27 @@ class SemSegEvaluator:
             n = self.num_classes
             self.conf = torch.zeros((n, n), dtype=torch.int64, device=dist.backend_device())
         dist.all_reduce_sum(self.conf)
+        # every rank takes part in both sums
+        self.missed = (torch.zeros(self.num_classes, dtype=torch.int64) if self.missed is None
+                       else self.missed).to(self.conf.device)
+        dist.all_reduce_sum(self.missed)
 
     def evaluate(self) -> Dict[str, float]:
         """``{mIoU, mACC, pACC, fwIoU, IoU-<class>...}`` in percent (IoU only for the classes in the mean)."""
-        return semseg_metrics(self.matrix(), self.class_names, self.mean_over)
+        return semseg_metrics(self.matrix(), self.class_names, self.mean_over, self.missed_pixels())
 
 
-def semseg_metrics(conf: np.ndarray, class_names: Sequence[str], mean_over: str = "gt") -> Dict[str, float]:
-    """Metrics of a confusion matrix ``conf[gt, pred]`` (ignored pixels already left out).
+def semseg_metrics(conf: np.ndarray, class_names: Sequence[str], mean_over: str = "gt",
+                   missed: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """Metrics of a confusion matrix ``conf[gt, pred]`` (ignored pixels already left out); ``missed``: (C,)
+    ground-truth pixels that got no prediction at all (false negatives only).
 
     IoU_c = TP / (TP + FP + FN); acc_c = TP / (TP + FN); pACC = sum TP / sum GT pixels; the means run over the
     classes selected by ``mean_over`` (Detectron2's ``acc_valid`` / cityscapesscripts' non-NaN scores).
     """
     conf = conf.astype(np.float64)
     tp = np.diag(conf)
-    pos_gt = conf.sum(axis=1)
+    pos_gt = conf.sum(axis=1) + (0 if missed is None else np.asarray(missed, dtype=np.float64))
     pos_pred = conf.sum(axis=0)
     union = pos_gt + pos_pred - tp
     valid = pos_gt > 0 if mean_over == "gt" else union > 0

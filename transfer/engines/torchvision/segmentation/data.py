@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transfer.data.semseg_sample import load_sample, scale_crop_flip
+from pretrain.data.folder import unreadable_tracker
+from transfer.data.semseg_sample import load_sample, read_label_file, scale_crop_flip
 
 
 class SemSegDataset(Dataset):
@@ -19,6 +20,12 @@ class SemSegDataset(Dataset):
 
     ``read_label(record) -> (H, W) uint8``: the dataset's label reader. ``train`` turns augmentation on
     (output (3, crop, crop)); otherwise images keep their size.
+
+    A sample whose image or label file does not decode is skipped and counted (``pretrain.data.folder.
+    count_unreadable``, one count per sample). Training: the next readable sample stands in, so batches keep
+    their size. Evaluation: nothing stands in; the item is an empty image (3, 0, 0) with the sample's label
+    when that label is readable (its pixels then count as missed: ``SemSegEvaluator.process_unpredicted``),
+    or with an empty label (0, 0) when the label itself is unreadable (no ground truth left to score).
     """
 
     def __init__(self, records: List[dict], read_label: Callable[[dict], np.ndarray], pixel_mean: Sequence[float],
@@ -32,20 +39,32 @@ class SemSegDataset(Dataset):
         self.bgr, self.train = input_format == "BGR", train
         self.crop, self.scale_range, self.hflip_prob = crop_size, tuple(scale_range), hflip_prob
         self.ignore_label = ignore_label
+        self.unreadable = unreadable_tracker([r["file_name"] for r in records])
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _load(self, r: dict) -> Tuple[torch.Tensor, torch.Tensor]:
-        image, label = load_sample(r, self.read_label, self.bgr)
+    def _load(self, idx: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        image, label = load_sample(self.records[idx], self.read_label, self.bgr)
         return (image - self.mean) / self.std, label
+
+    def _unpredictable(self, idx: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation item of an unreadable sample: no image, its label if that one decodes."""
+        try:
+            label = torch.from_numpy(read_label_file(self.records[idx], self.read_label).astype(np.int64))
+        except OSError:
+            label = torch.zeros((0, 0), dtype=torch.int64)
+        return torch.zeros((3, 0, 0)), label
 
     def _augment(self, image: torch.Tensor, label: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # normalised image: the pixel mean is 0
         return scale_crop_flip(image, label, self.crop, self.scale_range, self.hflip_prob, self.ignore_label)
 
     def __getitem__(self, idx: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        image, label = self._load(self.records[idx])
+        # an unreadable sample is flagged and counted; the first readable one from idx on is returned
+        j, (image, label) = self.unreadable.read(idx, self._load)
+        if j != idx and not self.train:
+            return (*self._unpredictable(idx), idx)
         if self.train:
             image, label = self._augment(image, label)
-        return image, label, idx
+        return image, label, j
