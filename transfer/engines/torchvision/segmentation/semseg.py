@@ -71,7 +71,10 @@ def evaluate_semseg(model: torch.nn.Module, cfg: SemSegConfig, records: List[dic
                     weights: BackboneWeights, device: torch.device, channels_last: bool = False,
                     amp_bf16: bool = False) -> Dict[str, float]:
     """One pass per image at its original size (plus a flipped pass with ``input.test_flip``); this rank's
-    share of the set, matrices summed over processes; the metrics on rank 0 ({} elsewhere)."""
+    share of the set, matrices summed over processes; the metrics on rank 0 ({} elsewhere).
+
+    An unreadable image is counted and gets no prediction (nothing stands in for it): its labelled pixels count
+    as missed (false negatives); a sample whose label is unreadable has no ground truth left and is not scored."""
     ds = SemSegDataset(records, data.read_label, weights.pixel_mean, weights.pixel_std, weights.input_format,
                        ignore_label=cfg.input.ignore_label)
     loader = loop.inference_loader(ds, cfg.data.num_workers, default_collate)
@@ -80,6 +83,9 @@ def evaluate_semseg(model: torch.nn.Module, cfg: SemSegConfig, records: List[dic
     evaluator = SemSegEvaluator(len(data.classes), cfg.input.ignore_label, data.classes, data.mean_over)
     use_amp = amp_bf16 and device.type == "cuda"
     for images, labels, _ in tqdm(loader, desc="eval", disable=not dist.is_main(), dynamic_ncols=True):
+        if images.numel() == 0:  # unreadable (SemSegDataset): no prediction
+            evaluator.process_unpredicted(labels)
+            continue
         images = _to_device(images, device, channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             logits = net(images).float()
