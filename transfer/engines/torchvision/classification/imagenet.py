@@ -78,7 +78,9 @@ def build_feature_backbone(weights: BackboneWeights, device: torch.device) -> Po
 class SeededViews(Dataset):
     """``transform`` applied with a per-(view, index) seed: view ``v`` of image ``i`` is the same on
     every run and rank, so augmented-view features can be cached and extracted in parallel. Reads the
-    images of ``base`` (its own transform is not used)."""
+    images of ``base`` (its own transform is not used) through its unreadable-image tracker: an unreadable
+    image is counted and the next readable one stands in with its label, as on ``base``'s center-crop path,
+    so every view's row ``i`` holds the same image."""
 
     def __init__(self, base: LabelledImages, transform: Callable, view: int):
         self.base, self.transform, self.view = base, transform, view
@@ -87,8 +89,8 @@ class SeededViews(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int):
-        path, label = self.base.samples[i]
-        img = self.base.loader(path)
+        j, img = self.base.unreadable.read(i, lambda k: self.base.loader(self.base.samples[k][0]))
+        label = self.base.samples[j][1]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.view * 10_000_019 + i)
             return self.transform(img), label
