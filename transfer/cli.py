@@ -162,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             watch(args.watch, SuiteOptions(tasks=tasks, trials=args.trials, engine=args.engine, preset=args.preset,
                                            output=args.output, data_root=args.data_root, seed=args.seed,
-                                           overrides=args.overrides),
+                                           overrides=args.overrides, skip_unrunnable=args.tasks == "all"),
                   device, every=args.every, poll_s=args.poll, once=args.once, arch=args.arch, encoder=args.encoder)
             return 0
         try:
@@ -172,7 +172,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         opts = SuiteOptions(tasks=tasks, trials=args.trials, engine=args.engine, preset=args.preset,
                             output=args.output, data_root=args.data_root, seed=args.seed, overrides=args.overrides,
-                            only_trial=args.only_trial)
+                            only_trial=args.only_trial, skip_unrunnable=args.tasks == "all")
         records = run_suite(weights, opts, device)
         if dist.is_main():
             print(format_summary(records))

@@ -26,7 +26,8 @@ _SEVERITY = {OK: 0, NO_CHECK: 0, PARTIAL: 1, MISSING: 2, MALFORMED: 3}
 # The real split sizes (images), one table for every task of the suite. Sources: the VOC2007/2012 devkit
 # docs (VOC07 trainval 5,011 / test 4,952; VOC12 trainval 11,540); COCO 2017 (118,287 / 5,000); LVIS
 # v0.5 (Gupta et al. 2019: 57,263 train / 5,000 val images); Cityscapes fine (2,975 / 500); SBD-augmented
-# VOC12 (train_aug 10,582, the figure MoCo App. A.6 quotes; val 1,449); ImageNet-1k (1,281,167 / 50,000).
+# VOC12 (train_aug 10,582, the figure MoCo App. A.6 quotes; val 1,449); ImageNet-1k (1,281,167 / 50,000);
+# DensePose COCO 2014 (Detectron2's projects/DensePose/doc/DENSEPOSE_DATASETS.md: 26,437 / 5,984 / 1,508).
 DATASET_SIZES = {
     "voc2007_trainval": 5011, "voc2007_test": 4952, "voc2012_trainval": 11540,
     "coco_train2017": 118287, "coco_val2017": 5000,
@@ -34,6 +35,7 @@ DATASET_SIZES = {
     "cityscapes_train": 2975, "cityscapes_val": 500,
     "voc2012_train_aug": 10582, "voc2012_val": 1449,
     "imagenet_train": 1281167, "imagenet_val": 50000,
+    "densepose_train2014": 26437, "densepose_valminusminival2014": 5984, "densepose_minival2014": 1508,
 }
 QUICK_SAMPLE, FULL_SAMPLE = 2, 64  # images decoded per split
 

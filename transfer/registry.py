@@ -75,6 +75,11 @@ class TaskSpec:
     # None: the doctor prints "no check" and run_all starts the task unchecked.
     check_data: Optional[Callable[[Path, Any, bool], "DataReport"]] = None
     published: Tuple[PublishedRows, ...] = ()
+    # the engines that may implement this task: both by default (a task the built-in engine cannot run, as
+    # DensePose, declares ("detectron2",) and then must not get a torchvision implementation)
+    supported_engines: Tuple[str, ...] = ENGINES
+    # what else a task needs installed (appended to the error when no engine can run it here)
+    install_hint: str = ""
     engines: Dict[str, EngineFn] = field(default_factory=dict)
 
     @property
@@ -90,6 +95,8 @@ def register_task(spec: TaskSpec) -> TaskSpec:
         raise ValueError(f"transfer task {spec.name!r} is already registered")
     if spec.family not in FAMILY_ORDER:
         raise ValueError(f"task {spec.name!r}: unknown family {spec.family!r}; known: {FAMILY_ORDER}")
+    if not spec.supported_engines or set(spec.supported_engines) - set(ENGINES):
+        raise ValueError(f"task {spec.name!r}: supported_engines {spec.supported_engines} must be among {ENGINES}")
     TASKS[spec.name] = spec
     return spec
 
@@ -105,6 +112,8 @@ def register_engine(task: str, engine: str) -> Callable[[EngineFn], EngineFn]:
             raise KeyError(f"engine {engine!r} implements unknown task {task!r}")
         if engine in spec.engines:
             raise ValueError(f"task {task!r} already has a {engine!r} engine")
+        if engine not in spec.supported_engines:
+            raise ValueError(f"task {task!r} declares the engines {spec.supported_engines}, not {engine!r}")
         spec.engines[engine] = fn
         return fn
 

@@ -65,13 +65,28 @@ class SuiteOptions:
     seed: Optional[int] = None  # default: the task config's seed (0)
     overrides: Sequence[str] = field(default_factory=tuple)
     only_trial: Optional[int] = None  # run this trial index only (a SLURM job per trial)
+    # `--tasks all`: a task that no engine here can run (Detectron2-only, without it) is skipped with one log
+    # line, not failed; a task named in --tasks still fails with the install hint
+    skip_unrunnable: bool = False
 
 
 def resolve_engine(spec: TaskSpec, requested: str) -> str:
-    """``auto``: detectron2 when importable and implemented for the task, else the built-in torchvision engine."""
+    """``auto``: detectron2 when importable and implemented for the task, else the built-in torchvision engine
+    (a Detectron2-only task, ``supported_engines=("detectron2",)``, has no such fallback)."""
+    only = "" if "torchvision" in spec.supported_engines else \
+        f"task {spec.name!r} runs on the {'/'.join(spec.supported_engines)} engine only"
+    hint = f"; {spec.install_hint}" if spec.install_hint else ""
     if requested == "auto":
-        return "detectron2" if "detectron2" in spec.engines and d2_engine.available() else "torchvision"
+        if "detectron2" in spec.engines and d2_engine.available():
+            return "detectron2"
+        if not only:
+            return "torchvision"
+        requested = "detectron2"  # the errors below say what is missing for it
+    if requested not in spec.supported_engines:
+        raise RuntimeError(f"{only}, not on --engine {requested}{hint}")
     if requested == "detectron2" and not d2_engine.available():
+        if only:  # the task's own hint says how to install all it needs
+            raise RuntimeError(f"{only}, and detectron2 is not importable{hint}")
         raise RuntimeError(f"--engine detectron2 was requested but detectron2 is not importable: {d2_engine.INSTALL_HINT}")
     if requested == "detectron2" and spec.family == "classification" and requested not in spec.engines:
         # Detectron2 implements detection and segmentation only: `--engine detectron2 --tasks all` runs the
@@ -79,8 +94,22 @@ def resolve_engine(spec: TaskSpec, requested: str) -> str:
         log.warning("%s: no Detectron2 implementation; running it on the built-in torchvision engine", spec.name)
         return "torchvision"
     if requested not in spec.engines:
+        if only:  # the engine is there, the task's extra package is not (DensePose)
+            raise RuntimeError(f"{only}, and its {requested} implementation could not be loaded here{hint}")
         raise RuntimeError(f"task {spec.name!r} has no {requested!r} engine (it has: {sorted(spec.engines)})")
     return requested
+
+
+def unrunnable_reason(spec: TaskSpec, requested: str) -> Optional[str]:
+    """Why no engine here can run a task that the built-in engine does not implement (None: it can run, or it
+    is a built-in task, whose errors stay failed trials). ``--tasks all`` skips such a task with this reason."""
+    if "torchvision" in spec.supported_engines:
+        return None
+    try:
+        resolve_engine(spec, requested)
+    except RuntimeError as e:
+        return str(e)
+    return None
 
 
 def trial_dir(spec: TaskSpec, weights: BackboneWeights, opts: SuiteOptions, trial: int) -> Path:
@@ -341,9 +370,15 @@ def run_suite(weights: BackboneWeights, opts: SuiteOptions, device: torch.device
     records = []
     for name in opts.tasks:
         spec = get_task(name)
+        reason = unrunnable_reason(spec, opts.engine)
+        if reason is not None and opts.skip_unrunnable:
+            log.warning("%s: skipped, no engine here can run it: %s", name, reason)
+            continue
         cfg, cfg_error = None, None
         try:
             cfg = load_config(spec.schema, config_path(spec, opts.preset), routed[name])
+            if reason is not None:  # what to install comes before what data to fetch
+                raise RuntimeError(reason)
             if opts.preset == "smoke" and opts.data_root is None:
                 ensure_synthetic(spec, data_root)
             cfg_error = check_dataset(spec, cfg, data_root)  # a broken dataset fails in seconds, not at its step

@@ -18,7 +18,10 @@ def test_builtin_tasks_present():
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_task_is_complete(name):
     spec = TASKS[name]
-    assert "torchvision" in spec.engines, "the built-in engine must exist for every task"
+    if "torchvision" in spec.supported_engines:  # the default: every task runs on the built-in engine
+        assert "torchvision" in spec.engines, "the built-in engine must exist for every task not declaring otherwise"
+    else:  # a Detectron2-only task (DensePose) declares it, says what to install, and has no built-in engine
+        assert "torchvision" not in spec.engines and spec.install_hint
     assert spec.make_synthetic is not None and spec.effective is not None
     full = load_config(spec.schema, spec.config_path)
     smoke = load_config(spec.schema, CONFIG_DIR / "smoke" / spec.config_file)
@@ -43,7 +46,16 @@ def test_duplicate_names_and_engines_raise():
             register_engine("_dup_test", "torchvision")(lambda cfg, w, ctx: {})
         with pytest.raises(ValueError, match="unknown engine"):
             register_engine("_dup_test", "mmdet")
+        only = TaskSpec(name="_d2_only_test", family="detection", schema=_Cfg, config_file="x.yaml", metrics=(),
+                        supported_engines=("detectron2",))
+        register_task(only)
+        with pytest.raises(ValueError, match="declares the engines"):  # never a built-in one for it
+            register_engine("_d2_only_test", "torchvision")(lambda cfg, w, ctx: {})
+        with pytest.raises(ValueError, match="supported_engines"):
+            register_task(TaskSpec(name="_bad_engines", family="detection", schema=_Cfg, config_file="x.yaml",
+                                   metrics=(), supported_engines=("mmdet",)))
         with pytest.raises(ValueError, match="unknown family"):
             register_task(TaskSpec(name="_fam_test", family="test", schema=_Cfg, config_file="x.yaml", metrics=()))
     finally:
-        TASKS.pop("_dup_test", None)
+        for name in ("_dup_test", "_d2_only_test", "_bad_engines"):
+            TASKS.pop(name, None)

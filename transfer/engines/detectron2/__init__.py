@@ -7,7 +7,8 @@ adds a ``detectron2`` implementation to every detection and segmentation task. `
 prefers it; without detectron2, ``--engine detectron2`` fails each task with :data:`INSTALL_HINT`.
 Layout: ``keys.py`` (task config -> Detectron2 keys, no detectron2 import), ``config.py``, ``modeling.py``,
 ``datasets.py``, ``train.py``, ``detection.py`` (VOC, COCO, LVIS, Cityscapes instances), ``semseg.py``
-(VOC and Cityscapes FCN-16s). DensePose is not implemented yet.
+(VOC and Cityscapes FCN-16s), ``densepose.py`` (COCO DensePose, registered only when Detectron2's
+DensePose project imports: :func:`densepose_available`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ def available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def densepose_available() -> bool:
+    """Whether Detectron2's DensePose project (``projects/DensePose``, installed or on ``PYTHONPATH``) imports."""
+    try:
+        import densepose  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 _registered = False
 
 
@@ -42,4 +53,8 @@ def register() -> None:
     register_modules()
     detection.register()
     semseg.register()
+    if densepose_available():
+        from transfer.engines.detectron2 import densepose
+
+        densepose.register()
     _registered = True

@@ -66,9 +66,12 @@ def _writers(cfg: CfgNode, out: Path):
 
 def train_and_evaluate(cfg: CfgNode, weights: BackboneWeights, ctx: TrialContext,
                        make_evaluator: Callable[[str], DatasetEvaluator], log_period: int = 20,
-                       train_mapper: Any = None, test_mapper: Any = None) -> Dict[str, Any]:
+                       train_mapper: Any = None, test_mapper: Any = None,
+                       build_train_loader: Callable = build_detection_train_loader,
+                       build_test_loader: Callable = build_detection_test_loader) -> Dict[str, Any]:
     """Train ``cfg`` from ``weights`` and evaluate on ``cfg.DATASETS.TEST[0]``; returns (rank 0)
-    ``{"results": <the evaluator's dict>, "final_loss": float, "missing": [head keys]}``, ``{}`` elsewhere."""
+    ``{"results": <the evaluator's dict>, "final_loss": float, "missing": [head keys]}``, ``{}`` elsewhere.
+    ``build_*_loader``: Detectron2's, or a project's with the same signature (DensePose's)."""
     setup_comm(ctx.world_size)
     seed_all_rng(ctx.seed + ctx.rank)
     out = Path(ctx.output_dir)
@@ -87,14 +90,14 @@ def train_and_evaluate(cfg: CfgNode, weights: BackboneWeights, ctx: TrialContext
         on_gpu = next(model.parameters()).device.type == "cuda"
         train_model = DistributedDataParallel(model, device_ids=[comm.get_local_rank()] if on_gpu else None,
                                               broadcast_buffers=False)
-    loader = build_detection_train_loader(cfg, mapper=train_mapper)
+    loader = build_train_loader(cfg, mapper=train_mapper)
     trainer = SimpleTrainer(train_model, loader, optimizer)
     checkpointer = DetectionCheckpointer(model, str(ckpt_dir), trainer=trainer)
     hook_list = [hooks.IterationTimer(), hooks.LRScheduler(optimizer=optimizer,
                                                            scheduler=build_lr_scheduler(cfg, optimizer))]
     if cfg.TEST.PRECISE_BN.ENABLED:
         # its own loader, as DefaultTrainer: statistics of NUM_ITER training batches, after the last iteration
-        hook_list.append(hooks.PreciseBN(0, model, build_detection_train_loader(cfg, mapper=train_mapper),
+        hook_list.append(hooks.PreciseBN(0, model, build_train_loader(cfg, mapper=train_mapper),
                                          cfg.TEST.PRECISE_BN.NUM_ITER))
     hook_list.append(hooks.PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
                                                 max_iter=cfg.SOLVER.MAX_ITER))
@@ -118,7 +121,7 @@ def train_and_evaluate(cfg: CfgNode, weights: BackboneWeights, ctx: TrialContext
         trainer.train(start_iter, cfg.SOLVER.MAX_ITER)
 
     test_set = cfg.DATASETS.TEST[0]
-    results = inference_on_dataset(model, build_detection_test_loader(cfg, test_set, mapper=test_mapper),
+    results = inference_on_dataset(model, build_test_loader(cfg, test_set, mapper=test_mapper),
                                    make_evaluator(test_set))
     if not comm.is_main_process():
         return {}

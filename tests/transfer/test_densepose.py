@@ -1,0 +1,195 @@
+"""COCO DensePose: the synthetic files against DensePose's format, the data checks, the Detectron2-only rule in
+the runner (skipped by ``--tasks all``, failed with the install hint when named), and with Detectron2's
+DensePose project installed: DensePose's own loader reads the synthetic files and the SMPL files are checked
+before training.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+
+from transfer import doctor
+from transfer.cli import main
+from transfer.data.densepose import DensePoseDataError, densepose_paths, validate_densepose
+from transfer.data.synthetic.densepose import make_densepose
+from transfer.engines import detectron2 as d2_engine
+from transfer.registry import get_task, load_builtin_tasks
+from transfer.runner import resolve_engine
+
+load_builtin_tasks()
+needs_densepose = pytest.mark.skipif(
+    not (d2_engine.available() and d2_engine.densepose_available()),
+    reason="detectron2 and its DensePose project are not installed (README 'Detectron2 engine')")
+
+# DensePose's 24 fine parts -> its 14 coarse parts, from the part lists in Detectron2's
+# projects/DensePose/doc/DENSEPOSE_DATASETS.md (fine: torso 1-2, right hand 3, left hand 4, left foot 5,
+# right foot 6, upper leg right 7/9, left 8/10, lower leg right 11/13, left 12/14, upper arm left 15/17,
+# right 16/18, lower arm left 19/21, right 20/22, head 23/24; coarse in the order torso, right hand,
+# left hand, left foot, right foot, upper leg R, L, lower leg R, L, upper arm L, R, lower arm L, R, head)
+FINE_TO_COARSE = {1: 1, 2: 1, 3: 2, 4: 3, 5: 4, 6: 5, 7: 6, 9: 6, 8: 7, 10: 7, 11: 8, 13: 8, 12: 9, 14: 9,
+                  15: 10, 17: 10, 16: 11, 18: 11, 19: 12, 21: 12, 20: 13, 22: 13, 23: 14, 24: 14}
+
+
+@pytest.fixture(scope="module")
+def dp_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("densepose")
+    make_densepose(root, seed=0, sizes={"train2014": 4, "valminusminival2014": 2, "minival2014": 3})
+    return root
+
+
+def _load(root, split):
+    json_file, image_root = densepose_paths(root, split)
+    return json_file, image_root, json.loads(json_file.read_text())
+
+
+def test_synthetic_densepose_is_in_densepose_coco_format(dp_root):
+    """Each DensePose person: 14 mask entries at 256x256 in its box, which paint the drawn person back when
+    scaled to the box; every point lies in the coarse part its fine label belongs to, U and V in [0, 1]."""
+    n_dp = 0
+    for split, folder in (("train2014", "train2014"), ("valminusminival2014", "val2014"), ("minival2014", "val2014")):
+        json_file, image_root, data = _load(dp_root, split)
+        assert image_root.name == folder and validate_densepose(json_file, data) > 0
+        assert all((image_root / im["file_name"]).is_file() for im in data["images"])
+        images = {im["id"]: im for im in data["images"]}
+        for a in data["annotations"]:
+            if "dp_x" not in a:
+                continue
+            n_dp += 1
+            assert len(a["dp_masks"]) == 14 and any(m == [] for m in a["dp_masks"])  # hands / feet absent
+            label = np.zeros((256, 256), np.uint8)
+            for k, m in enumerate(a["dp_masks"]):
+                if m:
+                    label[mask_util.decode(m) > 0] = k + 1
+            # the part masks, resized to the box and placed there, cover the annotated person (its polygons)
+            im = images[a["image_id"]]
+            person = mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], im["height"],
+                                                                            im["width"])))
+            x, y, w, h = a["bbox"]
+            ys, xs = np.nonzero(person)
+            rel = label[np.clip(((ys + 0.5 - y) / h * 256).astype(int), 0, 255),
+                        np.clip(((xs + 0.5 - x) / w * 256).astype(int), 0, 255)]
+            assert (rel > 0).mean() > 0.9
+            px = np.clip(np.asarray(a["dp_x"]).astype(int), 0, 255)
+            py = np.clip(np.asarray(a["dp_y"]).astype(int), 0, 255)
+            coarse = np.array([FINE_TO_COARSE[int(i)] for i in a["dp_I"]])
+            assert (label[py, px] == coarse).mean() > 0.8  # parts overlap at the joints
+            assert min(a["dp_U"] + a["dp_V"]) >= 0 and max(a["dp_U"] + a["dp_V"]) <= 1
+            assert len(set(a["dp_U"])) > 1 and len(set(a["dp_V"])) > 1
+    assert n_dp >= 5
+
+
+@pytest.mark.parametrize("defect,message", [
+    (lambda a: a.update(dp_I=[25.0] * len(a["dp_I"])), "dp_I must be part indices 1..24"),
+    (lambda a: a.update(dp_U=a["dp_U"][:-1]), "differ in length"),
+    (lambda a: a.update(dp_masks=a["dp_masks"][:13]), "list of 14"),
+    (lambda a: a.update(dp_x=[300.0] * len(a["dp_x"])), "box-relative"),
+])
+def test_malformed_densepose_fields_are_named(dp_root, defect, message):
+    json_file, _, data = _load(dp_root, "minival2014")
+    defect(next(a for a in data["annotations"] if "dp_x" in a))
+    with pytest.raises(DensePoseDataError, match=message) as e:
+        validate_densepose(json_file, data)
+    assert str(json_file) in str(e.value) and "densepose_<split>.json" in str(e.value)
+
+
+def test_a_plain_coco_file_in_the_densepose_place_is_refused(dp_root):
+    json_file, _, data = _load(dp_root, "minival2014")
+    for a in data["annotations"]:
+        for k in ("dp_x", "dp_y", "dp_I", "dp_U", "dp_V", "dp_masks"):
+            a.pop(k, None)
+    with pytest.raises(DensePoseDataError, match="no annotation has DensePose points"):
+        validate_densepose(json_file, data)
+
+
+def test_doctor_checks_the_densepose_splits(dp_root, tmp_path, capsys):
+    code = doctor.main(["--data-root", str(dp_root), "--tasks", "coco_densepose"])
+    out = capsys.readouterr().out
+    assert code == 0 and "partial" in out and "(the real split has 1,508" in out  # only smaller than real
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    code = doctor.main(["--data-root", str(tmp_path), "--tasks", "coco_densepose"])
+    out = capsys.readouterr().out
+    assert code == 1 and "densepose_minival2014.json" in out and "DENSEPOSE_DATASETS.md" in out
+
+
+# ----------------------------------------------------------------- the Detectron2-only rule in the runner
+
+def _run_all(tmp_path, tasks, *extra):
+    return main(["--weights", "random", "--arch", "resnet18", "--tasks", tasks, "--preset", "smoke", "--output",
+                 str(tmp_path), "--no-report", "--data-root", str(tmp_path / "none"), *extra])
+
+
+@pytest.mark.parametrize("engine", ["auto", "torchvision", "detectron2"])
+def test_named_densepose_fails_with_the_install_hint_where_it_cannot_run(engine, tmp_path, monkeypatch):
+    spec = get_task("coco_densepose")
+    monkeypatch.setattr(spec, "engines", {})  # as without the DensePose project (or without detectron2)
+    assert _run_all(tmp_path, "coco_densepose", "--engine", engine) == 1
+    rec = json.loads((tmp_path / "random-resnet18" / "coco_densepose" / "trial0" / "metrics.json").read_text())
+    assert rec["status"] == "failed" and "runs on the detectron2 engine only" in rec["error"]
+    assert "pip install --no-deps -e <detectron2>/projects/DensePose" in rec["error"] and "PYTHONPATH" in rec["error"]
+
+
+@pytest.mark.parametrize("engine", ["auto", "torchvision"])
+def test_tasks_all_skips_densepose_with_one_line_where_it_cannot_run(engine, tmp_path, monkeypatch):
+    import transfer.registry as registry
+
+    monkeypatch.setattr(get_task("coco_densepose"), "engines", {})
+    monkeypatch.setattr(registry, "task_order", lambda: ("coco_densepose",))  # `all` = this task alone
+    assert _run_all(tmp_path, "all", "--engine", engine) == 0  # no failed trial
+    lines = [line for line in (tmp_path / "run_all.log").read_text().splitlines() if "coco_densepose" in line]
+    assert len(lines) == 1 and "skipped" in lines[0] and "projects/DensePose" in lines[0]
+    assert not (tmp_path / "random-resnet18" / "coco_densepose").exists()
+
+
+def test_densepose_resolves_to_detectron2_when_its_implementation_is_there(monkeypatch):
+    spec = get_task("coco_densepose")
+    monkeypatch.setattr(spec, "engines", {"detectron2": lambda cfg, w, ctx: {}})
+    monkeypatch.setattr(d2_engine, "available", lambda: True)
+    assert resolve_engine(spec, "auto") == "detectron2" == resolve_engine(spec, "detectron2")
+    with pytest.raises(RuntimeError, match="not on --engine torchvision"):
+        resolve_engine(spec, "torchvision")
+
+
+# ----------------------------------------------------------------- with detectron2 and DensePose installed
+
+@needs_densepose
+def test_densepose_own_loader_reads_the_synthetic_files(dp_root):
+    from densepose.structures import DensePoseDataRelative
+    from detectron2.data import DatasetCatalog
+
+    from transfer.engines.detectron2.densepose import register_densepose
+
+    name = register_densepose(dp_root, "minival2014")
+    records = DatasetCatalog.get(name)
+    _, _, data = _load(dp_root, "minival2014")
+    assert len(records) == len(data["images"])
+    with_dp = [a for r in records for a in r["annotations"] if DensePoseDataRelative.validate_annotation(a)[0]]
+    assert len(with_dp) == sum("dp_x" in a for a in data["annotations"])
+    for a in with_dp:
+        dp = DensePoseDataRelative(a)
+        assert dp.segm.shape == (256, 256) and int(dp.segm.max()) <= 14 and len(dp.i) == len(a["dp_I"])
+
+
+@needs_densepose
+def test_missing_smpl_files_fail_before_training_with_where_to_put_them(tmp_path, monkeypatch):
+    from detectron2.utils.file_io import PathManager
+
+    from transfer.engines.detectron2 import densepose as dp
+
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
+
+    def offline(path, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(PathManager, "get_local_path", offline)
+    (tmp_path / "cache" / "densepose" / "data").mkdir(parents=True)
+    (tmp_path / "cache" / "densepose" / "data" / "SMPL_subdiv.mat").write_bytes(b"x")  # one already there
+    with pytest.raises(dp.DensePoseFilesError) as e:
+        dp.require_smpl_files()
+    msg = str(e.value)
+    for name in ("UV_symmetry_transforms.mat", "SMPL_SUBDIV_TRANSFORM.mat", "Pdist_matrix.pkl"):
+        assert f"{tmp_path / 'cache' / 'densepose' / 'data' / name}" in msg
+        assert f"https://dl.fbaipublicfiles.com/densepose/data/{name}" in msg
+    assert "SMPL_subdiv.mat ->" not in msg
