@@ -149,10 +149,16 @@ def test_naive_sync_bn_matches_bn_on_the_whole_batch(tmp_path):
     assert torch.allclose(torch.from_numpy(results[0][3]), ref_bn.running_mean, atol=1e-5)
 
 
-def test_grouped_batches_share_orientation():
+def test_grouped_batches_share_orientation_and_resume_mid_stream():
     groups = [0, 1, 1, 0, 1, 0, 0, 1, 1, 1]
     batches = GroupedBatchSampler(InfiniteSampler(len(groups), seed=0), groups, 3)
     it = iter(batches)
     for _ in range(20):
         b = next(it)
-        assert len(b) == 3 and len({groups[i] for i in b}) == 1
+        assert len(b) == 3 and len({groups[i] for i, _ in b}) == 1
+    # keys carry each index's place in the stream; a resumed sampler continues the same stream exactly
+    full = [next(it) for _ in range(10)]
+    places = [p for b in full for _, p in b]
+    assert len(set(places)) == len(places)
+    resumed = iter(GroupedBatchSampler(InfiniteSampler(len(groups), seed=0), groups, 3, start_batch=27))
+    assert [next(resumed) for _ in range(3)] == full[7:10]

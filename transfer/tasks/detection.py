@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
+from pretrain.utils.config import run_setting
+
 
 @dataclass(frozen=True)
 class C4Config:
@@ -54,6 +56,9 @@ class SolverConfig:
     gamma: float = 0.1
     warmup_iters: int = 100
     warmup_factor: float = 0.001
+    # a resumable checkpoint every this many iterations (Detectron2's SOLVER.CHECKPOINT_PERIOD default); resuming is
+    # exact, so it is not part of a result's protocol
+    checkpoint_period: int = run_setting(5000)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ class SemSegSolverConfig:
     gamma: float = 0.1
     warmup_iters: int = 0  # the paper names no warmup
     warmup_factor: float = 0.001
+    checkpoint_period: int = run_setting(5000)  # as SolverConfig's (Detectron2's SOLVER.CHECKPOINT_PERIOD)
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,6 @@ def build_config(yaml_name: str, task_cfg: Any, weights: BackboneWeights, ctx: T
     cfg.MODEL.WEIGHTS = ""  # the engine loads the backbone itself and checks the missing keys
     cfg.OUTPUT_DIR = str(ctx.output_dir)
     cfg.SOLVER.REFERENCE_WORLD_SIZE = 0  # batch, lr, iterations as written, on any number of GPUs
-    cfg.SOLVER.CHECKPOINT_PERIOD = max(1, min(5000, cfg.SOLVER.MAX_ITER // 4))
     cfg.TEST.EVAL_PERIOD = 0  # evaluated once, at the end
     # one process: NaiveSyncBatchNorm is plain BN anyway; say so in the config instead of relying on it
     for key in ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.SEM_SEG_HEAD.NORM"):

@@ -67,6 +67,7 @@ _SOLVER = {
     "gamma": ("SOLVER.GAMMA", _same),
     "warmup_iters": ("SOLVER.WARMUP_ITERS", _same),
     "warmup_factor": ("SOLVER.WARMUP_FACTOR", _same),
+    "checkpoint_period": ("SOLVER.CHECKPOINT_PERIOD", _same),
 }
 
 # the fields C4Config and FPNConfig share, with the same Detectron2 key

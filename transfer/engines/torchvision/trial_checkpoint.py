@@ -98,6 +98,9 @@ class TrialCheckpoint:
 
         Call it last before the loop: the RNG states are restored here, and anything drawn after them
         (e.g. a model's random init) would shift the stream."""
+        if dist.is_main():  # a write killed before its rename leaves a temporary file (a model's size) behind
+            for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         if not self.path.is_file():
             return None
         state = safe_torch_load(self.path, map_location="cpu")  # RNG states must be CPU tensors

@@ -63,10 +63,15 @@ def inference_loader(dataset: Dataset, num_workers: int, collate_fn: Callable) -
 def train_loop(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optimizer,
                lr_at: Callable[[int], float], max_iter: int,
                step: Callable[[nn.Module, object], Dict[str, torch.Tensor]],
-               tb_dir: Optional[Path] = None, log_period: int = 20, amp_bf16: bool = False) -> Dict[str, float]:
-    """Run ``max_iter`` iterations: set the lr, ``losses = step(model, batch)``, backprop their sum.
+               tb_dir: Optional[Path] = None, log_period: int = 20, amp_bf16: bool = False,
+               start_iter: int = 0, checkpoint_period: int = 0,
+               checkpoint: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, float]:
+    """Run iterations ``start_iter`` .. ``max_iter - 1``: set the lr, ``losses = step(model, batch)``, backprop
+    their sum.
 
     ``amp_bf16``: the step's forward under bf16 autocast on a GPU (ignored on CPU); losses summed in fp32.
+    ``checkpoint(done, last_losses)`` is called after every ``checkpoint_period``-th iteration before the last
+    (``done`` iterations finished); the caller saves the end of the schedule itself.
 
     A progress bar (rank 0) shows iteration, loss and ETA; TensorBoard scalars go to ``tb_dir`` (rank 0).
     Returns the last logged losses (averaged over processes). Non-finite losses stop the run (as Detectron2).
@@ -79,7 +84,8 @@ def train_loop(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optim
     model.train()
     use_amp = amp_bf16 and next(model.parameters()).is_cuda
     last: Dict[str, float] = {}
-    bar = tqdm(range(max_iter), desc="train", disable=not dist.is_main(), dynamic_ncols=True)
+    bar = tqdm(range(start_iter, max_iter), desc="train", disable=not dist.is_main(), dynamic_ncols=True,
+               initial=start_iter, total=max_iter)
     start = time.time()
     for it in bar:
         lr = lr_at(it)
@@ -94,6 +100,7 @@ def train_loop(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optim
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
+        done = it + 1 - start_iter  # iterations run by this process (for speed and ETA)
         if (it + 1) % log_period == 0 or it + 1 == max_iter:
             last = {k: dist.all_reduce_mean(v.detach()) for k, v in losses.items()}
             last["total_loss"] = sum(last.values())
@@ -101,13 +108,16 @@ def train_loop(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optim
             elapsed = time.time() - start
             parts = "  ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "total_loss")
             log.info("iter %d/%d  loss %.3f (%s)  lr %.3g  %.2f s/iter  eta %s", it + 1, max_iter,
-                     last["total_loss"], parts, lr, elapsed / (it + 1),
-                     format_duration(elapsed / (it + 1) * (max_iter - it - 1)))
+                     last["total_loss"], parts, lr, elapsed / done,
+                     format_duration(elapsed / done * (max_iter - it - 1)))
             if writer is not None:
                 for k, v in last.items():
                     writer.add_scalar(f"train/{k}", v, it + 1)
                 writer.add_scalar("train/lr", lr, it + 1)
-                writer.add_scalar("train/seconds_per_iter", (time.time() - start) / (it + 1), it + 1)
+                writer.add_scalar("train/seconds_per_iter", (time.time() - start) / done, it + 1)
+        if checkpoint is not None and checkpoint_period > 0 and (it + 1) % checkpoint_period == 0 \
+                and it + 1 < max_iter:
+            checkpoint(it + 1, last)
     if writer is not None:
         writer.close()
     return last

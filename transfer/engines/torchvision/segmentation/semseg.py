@@ -1,5 +1,6 @@
 """The built-in engine's semantic segmentation (``voc_semseg``, ``cityscapes_semseg``): the FCN-16s of
-:mod:`.fcn` trained with the detection loop (SGD, step schedule, synchronised BN on several processes), then one
+:mod:`.fcn` trained by the detectors' :func:`~transfer.engines.torchvision.detection.trainer.fit` (SGD, step
+schedule, synchronised BN on several processes, resumable checkpoints), then one
 confusion matrix over the evaluation set (:mod:`transfer.evaluation.semseg`), summed over processes."""
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ from transfer.context import TrialContext
 from transfer.data.cityscapes import CITYSCAPES_CLASSES, load_cityscapes_semseg, read_train_ids
 from transfer.data.voc_seg import VOC_SEG_CLASSES, load_voc_seg_records, read_label_png
 from transfer.engines.torchvision.detection import loop
-from transfer.engines.torchvision.detection.samplers import infinite_loader
-from transfer.engines.torchvision.detection.sync_bn import prepare_distributed
+from transfer.engines.torchvision.detection.trainer import fit
 from transfer.engines.torchvision.segmentation.data import SemSegDataset
 from transfer.engines.torchvision.segmentation.fcn import build_fcn
 from transfer.evaluation.semseg import SemSegEvaluator
@@ -114,14 +114,8 @@ def _run_semseg(cfg: SemSegConfig, weights: BackboneWeights, ctx: TrialContext) 
     channels_last = cfg.precision.channels_last and ctx.device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = prepare_distributed(model, ctx.device)
-    s = cfg.solver
-    optimizer, lr_at = loop.sgd_with_schedule(model, s)
     step = partial(_train_step, device=ctx.device, ignore_label=inp.ignore_label, channels_last=channels_last)
-    batches = infinite_loader(dataset, eff["batch_per_process"], ctx.seed, cfg.data.num_workers, default_collate)
-    losses = loop.train_loop(model, batches, optimizer, lr_at, s.iterations, step,
-                             tb_dir=ctx.output_dir / "tensorboard", log_period=cfg.log_period,
-                             amp_bf16=cfg.precision.amp_bf16)
+    model, losses = fit(model, dataset, default_collate, cfg, ctx, eff["batch_per_process"], step)
     metrics = evaluate_semseg(model, cfg, test, data, weights, ctx.device, channels_last, cfg.precision.amp_bf16)
     if metrics and "total_loss" in losses:
         metrics["final_loss"] = losses["total_loss"]

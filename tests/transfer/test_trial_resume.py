@@ -1,0 +1,157 @@
+"""Built-in detection and segmentation trials killed with SIGKILL and rerun end with exactly the metrics (and the
+fine-tuned weights) of an uninterrupted trial on CPU.
+
+The kill points are exact: a driver process wraps the engine's functions and kills itself at the n-th training
+step, inside PreciseBN, while a checkpoint is being written (after the temporary file, before its rename), and
+in the middle of the evaluation. Each rerun must continue rather than restart: the test counts the training and
+PreciseBN steps every attempt runs.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from transfer.data.synthetic.voc import make_vocdevkit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+# argv: KILL_PHASE KILL_AT STEPS_LOG then run_all's arguments. Phases: train, precise_bn (the n-th step of that
+# phase), save (the n-th checkpoint rename), eval (the n-th evaluated image); "none" runs to the end.
+DRIVER = r"""
+import os, signal, sys
+phase_to_kill, kill_at, steps_log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+import pretrain.utils.io as io
+from transfer.engines.torchvision.detection import trainer
+from transfer.engines.torchvision.segmentation import semseg
+from transfer.evaluation import semseg as semseg_eval, voc as voc_eval
+
+phase = ["train"]
+counts = {"train": 0, "precise_bn": 0, "save": 0, "eval": 0}
+
+def tick(name):
+    counts[name] += 1
+    with open(steps_log, "a") as f:
+        f.write(name + "\n")
+    if name == phase_to_kill and counts[name] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def counted(fn, name):
+    def wrapper(*a, **k):
+        tick(phase[0] if name is None else name)
+        return fn(*a, **k)
+    return wrapper
+
+trainer.train_step = counted(trainer.train_step, None)
+semseg._train_step = counted(semseg._train_step, None)
+voc_eval.VOCDetectionEvaluator.process = counted(voc_eval.VOCDetectionEvaluator.process, "eval")
+semseg_eval.SemSegEvaluator.process = counted(semseg_eval.SemSegEvaluator.process, "eval")
+original_pbn = trainer.precise_bn
+def precise_bn(*a, **k):
+    phase[0] = "precise_bn"
+    return original_pbn(*a, **k)
+trainer.precise_bn = precise_bn
+original_replace = os.replace
+def replace(src, dst):
+    if str(dst).endswith("checkpoint.pth"):
+        tick("save")
+    return original_replace(src, dst)
+io.os.replace = replace
+
+from transfer.run_all import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+ITERS, PERIOD, PBN = 6, 2, 3
+
+
+def _voc_args(data: Path, out: Path, *extra: str):
+    return ["--weights", "random", "--arch", "resnet18", "--tasks", "voc07_det", "--preset", "smoke",
+            "--data-root", str(data), "--output", str(out), "--no-report",
+            "input.min_size_train=[48]", "input.max_size_train=96", "input.min_size_test=48", "input.max_size_test=96",
+            "solver.batch_size=2", f"solver.iterations={ITERS}", "solver.steps=[4]", "solver.warmup_iters=2",
+            f"solver.checkpoint_period={PERIOD}", f"precise_bn.num_iters={PBN}", "log_period=1", *extra]
+
+
+def _attempt(args, tmp: Path, kill: str = "none", at: int = 0) -> dict:
+    """Run the suite under the driver; returns the steps it ran per phase and whether it was killed."""
+    log = tmp / f"steps_{kill}_{at}_{os.urandom(3).hex()}.txt"
+    proc = subprocess.run([sys.executable, "-c", DRIVER, kill, str(at), str(log), *args], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = log.read_text().split() if log.exists() else []
+    killed = proc.returncode == -signal.SIGKILL
+    assert killed == (kill != "none"), proc.stderr[-3000:]
+    return {"killed": killed, **{p: lines.count(p) for p in ("train", "precise_bn", "save", "eval")}}
+
+
+def _trial(out: Path, task: str) -> Path:
+    return out / "random-resnet18" / task / "trial0"
+
+
+def _metrics(out: Path, task: str) -> dict:
+    rec = json.loads((_trial(out, task) / "metrics.json").read_text())
+    assert rec["status"] == "ok", rec.get("error")
+    return rec["metrics"]
+
+
+def _weights(out: Path, task: str) -> dict:
+    return torch.load(_trial(out, task) / "checkpoint.pth", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voc")
+    make_vocdevkit(root / "VOCdevkit", seed=0, trainval_2007=8, test_2007=4, trainval_2012=2, image_size=(64, 48))
+    return root
+
+
+@pytest.mark.timeout(600)
+def test_a_detection_trial_killed_four_times_ends_as_an_uninterrupted_one(voc_root, tmp_path):
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    ref = _attempt(_voc_args(voc_root, ref_out), tmp_path)
+    assert (ref["train"], ref["precise_bn"], ref["eval"]) == (ITERS, PBN, 4)
+
+    # 1. mid-schedule: step 5 dies; checkpoints were written after steps 2 and 4
+    a = _attempt(_voc_args(voc_root, out), tmp_path, "train", 5)
+    assert (a["train"], a["save"]) == (5, 2)
+    # 2. the rerun continues at step 5 (not 1) and dies writing the end-of-schedule checkpoint (its first rename)
+    b = _attempt(_voc_args(voc_root, out), tmp_path, "save", 1)
+    assert b["train"] == ITERS - 4 and b["precise_bn"] == 0
+    # 3. that checkpoint never landed: the rerun trains steps 5-6 again, then dies inside PreciseBN
+    c = _attempt(_voc_args(voc_root, out), tmp_path, "precise_bn", 2)
+    assert c["train"] == ITERS - 4 and c["precise_bn"] == 2
+    # 4. PreciseBN starts over from the end of the schedule (no training); the run dies in the evaluation
+    d = _attempt(_voc_args(voc_root, out), tmp_path, "eval", 3)
+    assert (d["train"], d["precise_bn"], d["eval"]) == (0, PBN, 3)
+    # 5. straight to the evaluation
+    e = _attempt(_voc_args(voc_root, out), tmp_path)
+    assert (e["train"], e["precise_bn"], e["eval"]) == (0, 0, 4)
+
+    assert _metrics(out, "voc07_det") == _metrics(ref_out, "voc07_det")
+    assert not list(_trial(out, "voc07_det").glob(".checkpoint.pth.*"))  # the write killed in 2. left nothing
+    mine, theirs = _weights(out, "voc07_det"), _weights(ref_out, "voc07_det")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    # and a finished trial is skipped, as before
+    f = _attempt(_voc_args(voc_root, out), tmp_path)
+    assert (f["train"], f["eval"]) == (0, 0)
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_of_another_protocol_is_refused_with_the_reason(voc_root, tmp_path):
+    out = tmp_path / "out"
+    _attempt(_voc_args(voc_root, out), tmp_path, "train", 3)  # a checkpoint after step 2
+    again = _attempt(_voc_args(voc_root, out, "solver.base_lr=0.01"), tmp_path)
+    assert again["train"] == 0
+    rec = json.loads((_trial(out, "voc07_det") / "metrics.json").read_text())
+    assert rec["status"] == "failed"
+    assert rec["error"].startswith("ProtocolChangedError") and "config.solver.base_lr" in rec["error"]
+    # a run setting (here the checkpoint period) is not part of the protocol: the trial continues
+    resumed = _attempt(_voc_args(voc_root, out, "solver.checkpoint_period=3"), tmp_path)
+    assert resumed["train"] == ITERS - 2 and _metrics(out, "voc07_det")
