@@ -155,3 +155,25 @@ def test_a_checkpoint_of_another_protocol_is_refused_with_the_reason(voc_root, t
     # a run setting (here the checkpoint period) is not part of the protocol: the trial continues
     resumed = _attempt(_voc_args(voc_root, out, "solver.checkpoint_period=3"), tmp_path)
     assert resumed["train"] == ITERS - 2 and _metrics(out, "voc07_det")
+
+
+@pytest.mark.timeout(300)
+def test_a_segmentation_trial_killed_in_training_and_in_evaluation_ends_as_an_uninterrupted_one(tmp_path):
+    from transfer.data.synthetic.voc_seg import make_voc_seg
+
+    data = tmp_path / "data"
+    make_voc_seg(data / "VOCdevkit", seed=0, train=6, sbd_only=2, val=3, size_range=(48, 64))
+    args = lambda out: ["--weights", "random", "--arch", "resnet18", "--tasks", "voc_semseg",  # noqa: E731
+                        "--preset", "smoke", "--data-root", str(data), "--output", str(out), "--no-report",
+                        "input.crop_size=32", "solver.batch_size=2", "solver.iterations=5", "solver.steps=[3]",
+                        "solver.checkpoint_period=2", "log_period=1"]
+    ref = _attempt(args(tmp_path / "ref"), tmp_path)
+    assert (ref["train"], ref["precise_bn"], ref["eval"]) == (5, 0, 3)
+    out = tmp_path / "killed"
+    assert _attempt(args(out), tmp_path, "train", 4)["train"] == 4
+    resumed = _attempt(args(out), tmp_path, "eval", 2)  # from the checkpoint after step 2; no PreciseBN here
+    assert (resumed["train"], resumed["eval"]) == (3, 2)
+    assert _attempt(args(out), tmp_path)["train"] == 0
+    assert _metrics(out, "voc_semseg") == _metrics(tmp_path / "ref", "voc_semseg")
+    mine, theirs = _weights(out, "voc_semseg"), _weights(tmp_path / "ref", "voc_semseg")
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
