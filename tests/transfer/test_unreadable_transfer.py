@@ -255,3 +255,23 @@ def test_augmented_views_of_the_linear_probe_stand_in_like_the_center_crops(tmp_
         center, view = base[1], SeededViews(base, tf, view=1)[1]
         assert center[1] == view[1] == base.samples[2][1] == 1 and torch.equal(center[0], view[0])
         assert scope.count() == 1 and scope.examples() == [base.samples[1][0]]
+
+
+def test_features_from_the_cache_count_the_images_that_were_unreadable_when_extracted(tmp_path):
+    from pretrain.data.folder import LabelledImages
+    from pretrain.data.synthetic import make_imagenet_folders
+    from transfer.engines.torchvision.classification.feature_cache import get_or_extract
+
+    make_imagenet_folders(tmp_path / "data", num_classes=2, train_per_class=3, val_per_class=1, image_size=8)
+    tf = lambda img: torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)  # noqa: E731
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    kw = dict(device=torch.device("cpu"), batch_size=2, workers=0, shard_size=4, dtype="float32")
+    bad = sorted((tmp_path / "data" / "train").rglob("*.JPEG"))[4]  # in the second shard
+    _truncate(bad)
+    counts = []
+    for _ in range(2):  # extracted, then served from the cache without decoding anything
+        with count_unreadable(0.5) as scope:
+            _, _, extracted = get_or_extract(model, LabelledImages(tmp_path / "data" / "train", tf),
+                                             tmp_path / "cache", {"m": 1}, **kw)
+            counts.append((extracted, scope.count(), scope.examples()))
+    assert counts == [(True, 1, [str(bad)]), (False, 1, [str(bad)])]

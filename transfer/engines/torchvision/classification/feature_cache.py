@@ -10,6 +10,11 @@ Crash safety: every shard file is written to a temporary name and renamed (``ato
 ``manifest.json`` is written last; an entry without a manifest is never read as complete, but its
 finished shards are reused when the extraction restarts. Under torchrun each rank extracts every
 ``world_size``-th shard (``cache_dir`` must be shared by the ranks) and rank 0 writes the manifest.
+
+Unreadable images: a dataset with an ``unreadable`` tracker (``pretrain.data.folder.UnreadableImages``) skips
+and counts them while its features are extracted; each shard records which of its rows were unreadable
+(``unreadable-<i>.json``, written before the shard's features), and a reused shard marks them again, so a run
+served from the cache reports (and is limited by) the same count as the run that filled it.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from pretrain.utils.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-shard records of unreadable images
 MANIFEST = "manifest.json"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -80,6 +85,9 @@ class FeatureCache:
 
     def shard_paths(self, i: int) -> Tuple[Path, Path]:
         return self.dir / f"feats-{i:05d}.npy", self.dir / f"labels-{i:05d}.npy"
+
+    def unreadable_path(self, i: int) -> Path:
+        return self.dir / f"unreadable-{i:05d}.json"
 
     def manifest(self) -> Optional[dict]:
         """The manifest if the entry is complete and belongs to this key, else None."""
@@ -134,6 +142,17 @@ def extract_shard(model: nn.Module, loader: DataLoader, device: torch.device) ->
     return feats.numpy(), labels.numpy()
 
 
+def _remark_unreadable(dataset: Dataset, cache: FeatureCache, shard: int) -> None:
+    """Flag again, in ``dataset``'s tracker, the rows a reused shard recorded as unreadable."""
+    tracker = getattr(dataset, "unreadable", None)
+    path = cache.unreadable_path(shard)
+    if tracker is None or not path.is_file():
+        return
+    for j in json.loads(path.read_text()):
+        if not tracker.is_bad(j):
+            tracker.mark(j, OSError("unreadable when its features were extracted into the cache"))
+
+
 def get_or_extract(
     model: nn.Module,
     dataset: Dataset,
@@ -160,6 +179,8 @@ def get_or_extract(
     cache = FeatureCache(cache_dir, {**parts, "dtype": dtype, "shard_size": shard_size, "num_samples": len(dataset)})
     if cache.is_complete():
         log.info("%s: reusing cached features %s", desc, cache.dir)
+        for i in range(cache.manifest()["num_shards"]):
+            _remark_unreadable(dataset, cache, i)
         return (*cache.load(stream), False)
 
     n = len(dataset)
@@ -172,12 +193,15 @@ def get_or_extract(
         for i in tqdm(mine, desc=desc, disable=not dist.is_main()):
             rows = range(i * shard_size, min(n, (i + 1) * shard_size))
             if cache._shard_done(i, len(rows)):
+                _remark_unreadable(dataset, cache, i)
                 continue  # finished before an interruption
             loader = DataLoader(Subset(dataset, list(rows)), batch_size=batch_size, shuffle=False,
                                 num_workers=workers, pin_memory=device.type == "cuda")
             feats, labels = extract_shard(model, loader, device)
             fp, lp = cache.shard_paths(i)
             _save_npy(lp, labels.astype(np.int64))
+            tracker = getattr(dataset, "unreadable", None)
+            atomic_write_json(cache.unreadable_path(i), [j for j in rows if tracker is not None and tracker.is_bad(j)])
             _save_npy(fp, feats.astype(DTYPES[dtype]))  # the features file last: it marks the shard done
             extracted = True
     finally:

@@ -88,6 +88,11 @@ class SeededViews(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    @property
+    def unreadable(self):
+        """``base``'s tracker (read by the feature cache)."""
+        return self.base.unreadable
+
     def __getitem__(self, i: int):
         j, img = self.base.unreadable.read(i, lambda k: self.base.loader(self.base.samples[k][0]))
         label = self.base.samples[j][1]
