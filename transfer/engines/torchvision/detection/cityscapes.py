@@ -5,7 +5,6 @@ and trainer (:func:`.trainer.fit_detector`) on the instanceIds ground truth
 from __future__ import annotations
 
 import logging
-import random
 from typing import Dict
 
 import torch
@@ -51,8 +50,9 @@ def evaluate_cityscapes_instances(model: torch.nn.Module, records: list, meta: d
 
 def _run_cityscapes(cfg: CityscapesInstConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     eff = effective(cfg, ctx.world_size)
+    # the heads' init (rank 0's is broadcast) and the model's own draws (training resize, RPN and RoI sampling);
+    # augmentations are seeded per sample (detection.samplers.KeyedSamples)
     torch.manual_seed(ctx.seed + ctx.rank)
-    random.seed(ctx.seed + ctx.rank)  # horizontal flips when data.num_workers is 0
     records, meta = load_cityscapes_instances(ctx.data_root, cfg.data.train_split)
     train = filter_for_training(records)
     test, test_meta = load_cityscapes_instances(ctx.data_root, cfg.data.test_split)  # fail before training

@@ -5,7 +5,6 @@ infers its share of val2017, rank 0 gathers the results and runs pycocotools' ``
 from __future__ import annotations
 
 import logging
-import random
 from typing import Dict, Optional
 
 import torch
@@ -64,8 +63,9 @@ def build_coco_model(cfg, weights: BackboneWeights, num_classes: int) -> torch.n
 
 def _run_coco(cfg, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     eff = effective(cfg, ctx.world_size)
+    # the heads' init (rank 0's is broadcast) and the model's own draws (training resize, RPN and RoI sampling);
+    # augmentations are seeded per sample (detection.samplers.KeyedSamples)
     torch.manual_seed(ctx.seed + ctx.rank)
-    random.seed(ctx.seed + ctx.rank)  # horizontal flips when data.num_workers is 0
     kp_cfg = getattr(cfg, "keypoint", None)
     keypoints = kp_cfg is not None
     train_json, train_images = coco_paths(ctx.data_root, cfg.data.train_split, keypoints=keypoints)

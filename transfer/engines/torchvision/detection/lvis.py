@@ -4,7 +4,6 @@ sampling (:mod:`.repeat_factor`), then lvis-api's federated AP (:mod:`transfer.e
 from __future__ import annotations
 
 import logging
-import random
 from typing import Dict
 
 import torch
@@ -50,8 +49,9 @@ def evaluate_lvis(model: torch.nn.Module, records: list, meta: dict, input_forma
 
 def _run_lvis(cfg: LVISConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     eff = effective(cfg, ctx.world_size)
+    # the heads' init (rank 0's is broadcast) and the model's own draws (training resize, RPN and RoI sampling);
+    # augmentations are seeded per sample (detection.samplers.KeyedSamples)
     torch.manual_seed(ctx.seed + ctx.rank)
-    random.seed(ctx.seed + ctx.rank)  # horizontal flips when data.num_workers is 0
     train_json, coco_root = lvis_paths(ctx.data_root, cfg.data.train_split)
     test_json, _ = lvis_paths(ctx.data_root, cfg.data.test_split)
     records, meta = load_lvis_instances(train_json, coco_root)

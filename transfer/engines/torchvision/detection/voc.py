@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 from typing import Dict
 
@@ -55,8 +54,9 @@ def evaluate_voc(model: torch.nn.Module, cfg: VOCDetConfig, data_root: Path, inp
 
 def _run_voc(cfg: VOCDetConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     eff = effective(cfg, ctx.world_size)
+    # the heads' init (rank 0's is broadcast) and the model's own draws (training resize, RPN and RoI sampling);
+    # augmentations are seeded per sample (detection.samplers.KeyedSamples)
     torch.manual_seed(ctx.seed + ctx.rank)
-    random.seed(ctx.seed + ctx.rank)  # horizontal flips when data.num_workers is 0
     train = load_voc_sets(ctx.data_root, cfg.data.train_sets, use_difficult=cfg.data.train_use_difficult,
                           drop_empty=True)
     load_voc_records(ctx.data_root, cfg.data.test_set)  # fail before training if the test set is broken

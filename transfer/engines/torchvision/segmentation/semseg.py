@@ -100,7 +100,8 @@ def evaluate_semseg(model: torch.nn.Module, cfg: SemSegConfig, records: List[dic
 def _run_semseg(cfg: SemSegConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     eff = effective(cfg, ctx.world_size)
     data = DATASETS[ctx.task]
-    torch.manual_seed(ctx.seed + ctx.rank)  # augmentation when data.num_workers is 0
+    # the head's init (rank 0's is broadcast); augmentations are seeded per sample (detection.samplers.KeyedSamples)
+    torch.manual_seed(ctx.seed + ctx.rank)
     train = data.load(ctx.data_root, cfg.data.train_split)
     test = data.load(ctx.data_root, cfg.data.test_split)  # fail before training if the test set is broken
     log.info("%s: %d training / %d test images; weights %s; effective schedule %s", ctx.task, len(train), len(test),
