@@ -135,6 +135,21 @@ def count_unreadable(max_fraction: float) -> Iterator[UnreadableScope]:
         _SCOPES.pop()
 
 
+def unreadable_flags() -> List[torch.Tensor]:
+    """This process's flags for the datasets of the current :func:`count_unreadable` scope, in the order they
+    were built (a resumable trial keeps them in its checkpoint, so a resumed trial counts what it found before)."""
+    return [t.flags.clone() for t in _SCOPES[-1].trackers] if _SCOPES else []
+
+
+def restore_unreadable_flags(saved: List[torch.Tensor]) -> None:
+    """Add flags from :func:`unreadable_flags` to the current scope's datasets, matched by build order and size
+    (a dataset built later, e.g. the evaluation set, has no saved flags and starts from none)."""
+    trackers = _SCOPES[-1].trackers if _SCOPES else []
+    for t, flags in zip(trackers, saved):
+        if len(flags) == len(t.flags):
+            t.flags |= flags.to(t.flags.dtype)
+
+
 def unreadable_tracker(paths: List[str]) -> UnreadableImages:
     """A tracker for a new dataset, registered with the current :func:`count_unreadable` scope if any
     (outside one: skips and counts without a limit, as the pretraining datasets do)."""

@@ -95,10 +95,14 @@ def _trial(out: Path, task: str) -> Path:
     return out / "random-resnet18" / task / "trial0"
 
 
-def _metrics(out: Path, task: str) -> dict:
+def _record(out: Path, task: str) -> dict:
     rec = json.loads((_trial(out, task) / "metrics.json").read_text())
     assert rec["status"] == "ok", rec.get("error")
-    return rec["metrics"]
+    return rec
+
+
+def _metrics(out: Path, task: str) -> dict:
+    return _record(out, task)["metrics"]
 
 
 def _weights(out: Path, task: str) -> dict:
@@ -108,7 +112,12 @@ def _weights(out: Path, task: str) -> dict:
 @pytest.fixture(scope="module")
 def voc_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("voc")
-    make_vocdevkit(root / "VOCdevkit", seed=0, trainval_2007=8, test_2007=4, trainval_2012=2, image_size=(64, 48))
+    devkit = make_vocdevkit(root / "VOCdevkit", seed=0, trainval_2007=8, test_2007=4, trainval_2012=2,
+                            image_size=(64, 48))
+    # one truncated training JPEG: read (and counted) only before the first kill, so the count must survive it
+    first = (devkit / "VOC2007" / "ImageSets" / "Main" / "trainval.txt").read_text().split()[0]
+    jpeg = devkit / "VOC2007" / "JPEGImages" / f"{first}.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:200])
     return root
 
 
@@ -136,6 +145,7 @@ def test_a_detection_trial_killed_four_times_ends_as_an_uninterrupted_one(voc_ro
 
     assert _metrics(out, "voc07_det") == _metrics(ref_out, "voc07_det")
     assert not list(_trial(out, "voc07_det").glob(".checkpoint.pth.*"))  # the write killed in 2. left nothing
+    assert _record(out, "voc07_det")["unreadable_images"] == _record(ref_out, "voc07_det")["unreadable_images"] == 1
     mine, theirs = _weights(out, "voc07_det"), _weights(ref_out, "voc07_det")
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     # and a finished trial is skipped, as before

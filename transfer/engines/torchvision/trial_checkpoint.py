@@ -10,6 +10,7 @@ What a killed detection or segmentation trial needs to continue exactly as if it
   stream (indices only, no images) up to that batch and needs no loader state;
 - every process's RNG states (torch, CUDA, numpy, python): torchvision's detectors draw their training
   resize and their RPN and RoI samples from the global torch RNG;
+- every process's unreadable-image flags, so that metrics.json counts the images skipped before the kill;
 - the stage: ``train`` (mid-schedule), ``trained`` (schedule done, before PreciseBN: a rerun redoes PreciseBN
   from the same batches), ``final`` (after PreciseBN: a rerun only evaluates; no optimizer state is kept);
 - the protocol (the config fields that change results, the seed, the world size): a checkpoint of another
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from pretrain.checkpoint import rng_state, set_rng_state
+from pretrain.data.folder import restore_unreadable_flags, unreadable_flags
 from pretrain.utils import dist
 from pretrain.utils.config import protocol_dict
 from pretrain.utils.io import atomic_torch_save, safe_torch_load
@@ -83,12 +85,13 @@ class TrialCheckpoint:
     def save(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, stage: str, iteration: int,
              losses: Dict[str, float]) -> None:
         assert stage in STAGES, stage
-        rngs = dist.gather_objects(rng_state())
+        ranks = dist.gather_objects({"rng": rng_state(), "unreadable": unreadable_flags()})
         if dist.is_main():
             atomic_torch_save({
                 "stage": stage, "iteration": int(iteration), "model": _unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "rng": rngs, "losses": {k: float(v) for k, v in losses.items()}, "protocol": self.protocol,
+                "rng": [r["rng"] for r in ranks], "unreadable": [r["unreadable"] for r in ranks],
+                "losses": {k: float(v) for k, v in losses.items()}, "protocol": self.protocol,
             }, self.path)
             log.info("checkpoint (%s, iteration %d) -> %s", stage, iteration, self.path)
 
@@ -116,5 +119,6 @@ class TrialCheckpoint:
             raise ValueError(f"{self.path} holds RNG states of {len(rngs)} processes, this run has "
                              f"{dist.world_size()}")
         set_rng_state(rngs[dist.rank()])
+        restore_unreadable_flags(state["unreadable"][dist.rank()])
         log.info("resuming the trial from %s (%s, iteration %d)", self.path, state["stage"], state["iteration"])
         return {"stage": state["stage"], "iteration": int(state["iteration"]), "losses": dict(state["losses"])}
