@@ -37,11 +37,16 @@ def _get(cfg: CfgNode, key: str) -> Any:
     return node
 
 
-def add_suite_keys(cfg: CfgNode) -> None:
-    """Keys of the suite's own Detectron2 modules (FCN-16s head), with their defaults (MoCo App. A.5)."""
+def add_suite_keys(cfg: CfgNode, yaml_name: str = "") -> None:
+    """Keys of the suite's own Detectron2 modules (FCN-16s head), with their defaults (MoCo App. A.5), and
+    for a DensePose YAML, DensePose's keys (``add_densepose_config``; the DensePose project must be importable)."""
     cfg.MODEL.SEM_SEG_HEAD.DILATION = 6
     cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 2
     cfg.INPUT.SEM_SEG_SCALE_RANGE = (0.5, 2.0)
+    if "densepose" in yaml_name:
+        from densepose import add_densepose_config
+
+        add_densepose_config(cfg)
 
 
 def apply_weights_overlay(cfg: CfgNode, weights: BackboneWeights) -> None:
@@ -99,7 +104,7 @@ def build_config(yaml_name: str, task_cfg: Any, weights: BackboneWeights, ctx: T
     ``num_classes``: the dataset's class count when it is not the YAML's (a synthetic COCO or LVIS); the
     evaluators map every predicted class back to a dataset id, so the two must agree."""
     cfg = get_cfg()
-    add_suite_keys(cfg)
+    add_suite_keys(cfg, yaml_name)
     cfg.merge_from_file(str(D2_CONFIG_DIR / yaml_name))
     apply_weights_overlay(cfg, weights)
     apply_task_config(cfg, task_cfg)

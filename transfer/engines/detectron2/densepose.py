@@ -6,7 +6,7 @@ the config is ``configs/detectron2/densepose_rcnn_R_50_FPN_s1x_legacy.yaml`` on 
 training is the engine's flow (:func:`.train.train_and_evaluate`) with DensePose's mapper and loaders;
 the evaluator is DensePose's ``DensePoseCOCOEvaluator`` (the reference implementation: GPS-based AP in
 ``densepose_coco_evaluation.py``), its ``densepose_gps`` AP / AP50 / AP75 -> ``APdp`` / ``APdp50`` /
-``APdp75`` (its GPSm, segm and box APs go to metrics.json as ``APdpgpsm*``, ``APdpsegm*``, ``APbb*``).
+``APdp75`` (its GPSm and segm APs go to metrics.json as ``APdpgpsm*``, ``APdpsegm*``).
 
 DensePose fetches four SMPL-derived files from dl.fbaipublicfiles.com at run time through Detectron2's
 ``PathManager`` (iopath): ``UV_symmetry_transforms.mat`` when its dataset mapper is built (training) and
@@ -28,7 +28,7 @@ from detectron2.utils.file_io import PathManager
 from transfer.context import TrialContext
 from transfer.data.densepose import densepose_paths
 from transfer.engines.detectron2.config import build_config
-from transfer.engines.detectron2.detection import _finish, coco_metrics
+from transfer.engines.detectron2.detection import _finish
 from transfer.engines.detectron2.keys import TASK_YAML
 from transfer.engines.detectron2.train import train_and_evaluate
 from transfer.registry import register_engine
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 SMPL_URL_PREFIX = "https://dl.fbaipublicfiles.com/densepose/data/"
 SMPL_FILES = {"UV_symmetry_transforms.mat": "training (DensePose's dataset mapper: flip symmetries)",
               "SMPL_subdiv.mat": "GPS evaluation", "SMPL_SUBDIV_TRANSFORM.mat": "GPS evaluation",
-              "Pdist_matrix.pkl": "GPS evaluation (geodesic distances, about 1.5 GB)"}
+              "Pdist_matrix.pkl": "GPS evaluation (geodesic distances between SMPL vertices)"}
 _GPS = {"densepose_gps": "APdp", "densepose_gpsm": "APdpgpsm", "densepose_segm": "APdpsegm"}
 
 
@@ -99,9 +99,9 @@ def register_densepose(data_root: Path, split: str) -> str:
 
 
 def densepose_metrics(results: Dict[str, Dict[str, float]]) -> Dict[str, float]:
-    """DensePose's ``{"densepose_gps": {"AP": .., "AP50": .., "APm": ..}, "bbox": ..}`` -> ``{"APdp": ..,
-    "APdp50": .., "APdpm": .., "APbb": ..}``; ``-1`` (DensePose's "no predictions") becomes NaN."""
-    out = coco_metrics({k: v for k, v in results.items() if k == "bbox"})
+    """DensePose's ``{"densepose_gps": {"AP": .., "AP50": .., "APm": ..}, "densepose_gpsm": ..}`` ->
+    ``{"APdp": .., "APdp50": .., "APdpm": .., "APdpgpsm": ..}``; ``-1`` (DensePose's "no predictions") -> NaN."""
+    out: Dict[str, float] = {}
     for key, prefix in _GPS.items():
         for name, value in results.get(key, {}).items():
             if name.startswith("AP") and "-" not in name:

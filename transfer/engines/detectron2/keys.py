@@ -26,6 +26,7 @@ TASK_YAML = {
     "cityscapes_instseg": "cityscapes_instseg_R_50_FPN.yaml",
     "voc_semseg": "voc_semseg_R_50_FCN16s.yaml",
     "cityscapes_semseg": "cityscapes_semseg_R_50_FCN16s.yaml",
+    "coco_densepose": "densepose_rcnn_R_50_FPN_s1x_legacy.yaml",  # needs DensePose's add_densepose_config
 }
 
 
@@ -127,6 +128,17 @@ FIELD_KEYS: Dict[str, Dict[str, Tuple[str, Convert]]] = {
         "conv_dims": ("MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS", tuple),
         "pooler_resolution": ("MODEL.ROI_KEYPOINT_HEAD.POOLER_RESOLUTION", _same),
         "min_keypoints_per_image": ("MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE", _same),
+    },
+    "DensePoseHeadConfig": {  # DensePose's keys (projects/DensePose/densepose/config.py)
+        "num_stacked_convs": ("MODEL.ROI_DENSEPOSE_HEAD.NUM_STACKED_CONVS", _same),
+        "conv_head_dim": ("MODEL.ROI_DENSEPOSE_HEAD.CONV_HEAD_DIM", _same),
+        "pooler_resolution": ("MODEL.ROI_DENSEPOSE_HEAD.POOLER_RESOLUTION", _same),
+        "heatmap_size": ("MODEL.ROI_DENSEPOSE_HEAD.HEATMAP_SIZE", _same),
+        "num_coarse_segm_channels": ("MODEL.ROI_DENSEPOSE_HEAD.NUM_COARSE_SEGM_CHANNELS", _same),
+        "index_weights": ("MODEL.ROI_DENSEPOSE_HEAD.INDEX_WEIGHTS", _same),
+        "part_weights": ("MODEL.ROI_DENSEPOSE_HEAD.PART_WEIGHTS", _same),
+        "point_regression_weights": ("MODEL.ROI_DENSEPOSE_HEAD.POINT_REGRESSION_WEIGHTS", _same),
+        "decoder_on": ("MODEL.ROI_DENSEPOSE_HEAD.DECODER_ON", _same),
     },
     "SolverConfig": _SOLVER,
     "SemSegSolverConfig": _SOLVER,
