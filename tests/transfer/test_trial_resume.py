@@ -187,3 +187,89 @@ def test_a_segmentation_trial_killed_in_training_and_in_evaluation_ends_as_an_un
     assert _metrics(out, "voc_semseg") == _metrics(tmp_path / "ref", "voc_semseg")
     mine, theirs = _weights(out, "voc_semseg"), _weights(tmp_path / "ref", "voc_semseg")
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+# ----- two processes: every rank gets its own RNG state back -------------------------------------------------
+
+class _Noisy(torch.utils.data.Dataset):
+    """Fixed images plus random noise (an augmentation drawn from the global RNGs, as the real datasets do)."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return torch.rand(3, 8, 8, generator=g) + 0.1 * torch.rand(3, 8, 8), i % 3
+
+
+def _fit_worker(rank: int, world: int, init: str, out: str) -> None:
+    """In one process group: an uninterrupted run (``ref``), a run stopped at step 5 and its rerun (``killed``)."""
+    from dataclasses import dataclass, field
+
+    import torch.distributed as torch_dist
+    import torch.nn.functional as F
+    from torch import nn
+
+    from transfer.context import TrialContext
+    from transfer.engines.torchvision.detection import trainer
+    from transfer.tasks.detection import PreciseBNConfig, PrecisionConfig, SolverConfig
+
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+
+    @dataclass(frozen=True)
+    class Data:
+        num_workers: int = 0
+
+    @dataclass(frozen=True)
+    class Cfg:
+        solver: SolverConfig = field(default_factory=lambda: SolverConfig(
+            batch_size=4, base_lr=0.1, iterations=6, steps=[4], warmup_iters=1, checkpoint_period=2))
+        data: Data = field(default_factory=Data)
+        precise_bn: PreciseBNConfig = field(default_factory=lambda: PreciseBNConfig(num_iters=2))
+        precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+        log_period: int = 1
+
+    def attempt(folder: str, fail_at: int = 0) -> None:
+        calls = [0]
+
+        def step(model, batch):
+            calls[0] += 1
+            if calls[0] == fail_at:
+                raise KeyboardInterrupt  # stands in for the kill: both ranks stop before the step's all-reduce
+            x, y = batch
+            return {"loss": F.cross_entropy(model(x), y)}
+
+        torch.manual_seed(100 + rank)  # per-rank streams: the dropout masks differ between ranks
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        d = Path(out) / folder
+        ctx = TrialContext(task="t", trial=0, seed=7, engine="torchvision", device=torch.device("cpu"),
+                           data_root=d, output_dir=d, cache_dir=d, world_size=world, rank=rank)
+        try:
+            model, _ = trainer.fit(model, _Noisy(), torch.utils.data.default_collate, Cfg(), ctx, 2, step)
+            torch.save(trainer.loop.unwrap(model).state_dict(), d / f"final{rank}.pt")
+        except KeyboardInterrupt:
+            torch.save(torch.load(d / "checkpoint.pth", weights_only=True), d / f"stopped{rank}.pt")
+        torch_dist.barrier()
+
+    attempt("ref")
+    attempt("killed", fail_at=5)  # checkpoints after steps 2 and 4 (one file, written by rank 0)
+    attempt("killed")
+    torch_dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_two_processes_resume_each_with_its_own_rng_state(tmp_path):
+    import torch.multiprocessing as mp
+
+    for d in ("ref", "killed"):
+        (tmp_path / d).mkdir()
+    mp.spawn(_fit_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    stopped = torch.load(tmp_path / "killed" / "stopped0.pt", weights_only=True)
+    assert stopped["iteration"] == 4 and len(stopped["rng"]) == 2
+    assert not torch.equal(stopped["rng"][0]["torch"], stopped["rng"][1]["torch"])
+    for rank in range(2):
+        mine = torch.load(tmp_path / "killed" / f"final{rank}.pt", weights_only=True)
+        ref = torch.load(tmp_path / "ref" / f"final{rank}.pt", weights_only=True)
+        assert all(torch.equal(mine[k], ref[k]) for k in ref)

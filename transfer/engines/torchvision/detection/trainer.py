@@ -44,8 +44,8 @@ def fit(model: nn.Module, dataset: Dataset, collate_fn: Callable, cfg: Any, ctx:
     """Train ``model`` for ``cfg.solver.iterations`` with ``losses = step(model, batch)``, then PreciseBN when
     the config has it enabled; resumable at any moment (:mod:`transfer.engines.torchvision.trial_checkpoint`).
 
-    ``cfg`` has ``solver`` (``checkpoint_period`` among the usual), ``data.num_workers`` and ``log_period``, and
-    may have ``precise_bn``. ``sampler``: endless training indices for this process (default: Detectron2's
+    ``cfg`` has ``solver`` (``checkpoint_period`` among the usual), ``precision``, ``data.num_workers`` and
+    ``log_period``, and may have ``precise_bn``. ``sampler``: endless training indices for this process (default: Detectron2's
     TrainingSampler; LVIS passes its repeat-factor sampler); ``groups``: aspect-ratio groups of the images.
 
     Checkpoints ``<trial>/checkpoint.pth`` every ``solver.checkpoint_period`` iterations, at the end of the
