@@ -160,30 +160,39 @@ def unreadable_tracker(paths: List[str]) -> UnreadableImages:
     return tracker
 
 
+MISSED = -1  # the label of an unreadable evaluation image: no prediction matches it
+
+
 class LabelledImages(Dataset):
     """``root/<class>/*`` as ``(transform(image), class_index)``, for kNN and linear probes; unreadable
     files are skipped and counted (:func:`count_unreadable`).
+
+    ``stand_in``: an unreadable file's place is taken by the next readable sample with its own label (training
+    sets); with False (evaluation sets) the label is :data:`MISSED` instead, so the image counts as a miss
+    rather than scoring another image twice.
 
     Exposes ``classes``, ``samples`` (``[(path, class_index)]``), ``root`` and ``loader`` like
     torchvision's ImageFolder, on the project's one scanner.
     """
 
-    def __init__(self, root: str | Path, transform: Callable | None = None) -> None:
+    def __init__(self, root: str | Path, transform: Callable | None = None, stand_in: bool = True) -> None:
         self.root = str(root)
         items = scan_class_folders(Path(root))
         self.classes = class_names(Path(root))
         self.samples = [(str(p), c) for p, c in items]
         self.transform = transform
         self.loader = load_rgb
+        self.stand_in = stand_in
         self.unreadable = unreadable_tracker([p for p, _ in self.samples])
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        # an unreadable file is flagged and the next readable sample stands in (with its own label)
+        # an unreadable file is flagged and the next readable sample's pixels take its place
         j, img = self.unreadable.read(i, lambda k: self.loader(self.samples[k][0]))
-        return (self.transform(img) if self.transform is not None else img), self.samples[j][1]
+        label = self.samples[j][1] if self.stand_in or j == i else MISSED
+        return (self.transform(img) if self.transform is not None else img), label
 
 
 class ClassFolderPairs(Dataset):

@@ -275,3 +275,22 @@ def test_features_from_the_cache_count_the_images_that_were_unreadable_when_extr
                                              tmp_path / "cache", {"m": 1}, **kw)
             counts.append((extracted, scope.count(), scope.examples()))
     assert counts == [(True, 1, [str(bad)]), (False, 1, [str(bad)])]
+
+
+def test_an_unreadable_classification_val_image_counts_as_a_miss(tmp_path):
+    """Evaluation sets take no stand-in label: an oracle that predicts every readable val image right scores
+    (N - 1) / N, not N / N with the next image counted twice."""
+    from pretrain.data.folder import MISSED, LabelledImages
+    from pretrain.data.synthetic import make_imagenet_folders
+    from pretrain.knn import topk_accuracy
+
+    make_imagenet_folders(tmp_path, num_classes=3, train_per_class=1, val_per_class=2, image_size=8)
+    tf = lambda img: torch.zeros(1)  # noqa: E731
+    with count_unreadable(0.5) as scope:
+        val = LabelledImages(tmp_path / "val", tf, stand_in=False)
+        _truncate(val.samples[1][0])
+        labels = torch.tensor([val[i][1] for i in range(len(val))])
+        assert labels.tolist() == [0, MISSED, 1, 1, 2, 2] and scope.count() == 1
+        oracle = torch.nn.functional.one_hot(torch.tensor([c for _, c in val.samples]), 3).float()
+        assert topk_accuracy(oracle, labels, (1,)) == [pytest.approx(500 / 6)]
+        assert LabelledImages(tmp_path / "val", tf)[1][1] == 1  # a training set keeps the stand-in's label

@@ -59,7 +59,7 @@ def load_splits(data: ImageNetDataConfig, ctx: TrialContext, train_transform, va
     """train and val class folders with the same classes (else a clear DatasetLayoutError)."""
     train_dir, val_dir = split_dirs(data, ctx)
     train_ds = LabelledImages(train_dir, train_transform)
-    val_ds = LabelledImages(val_dir, val_transform)
+    val_ds = LabelledImages(val_dir, val_transform, stand_in=False)  # an unreadable val image counts as a miss
     if train_ds.classes != val_ds.classes:
         raise DatasetLayoutError(f"{train_dir} and {val_dir} have different class folders "
                                  f"({len(train_ds.classes)} vs {len(val_ds.classes)})")
