@@ -99,8 +99,9 @@ def train_and_evaluate(cfg: CfgNode, weights: BackboneWeights, ctx: TrialContext
         # its own loader, as DefaultTrainer: statistics of NUM_ITER training batches, after the last iteration
         hook_list.append(hooks.PreciseBN(0, model, build_train_loader(cfg, mapper=train_mapper),
                                          cfg.TEST.PRECISE_BN.NUM_ITER))
+    # the last two periodic checkpoints (Detectron2 keeps every one: 36 of them for a 2x schedule) and model_final
     hook_list.append(hooks.PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
-                                                max_iter=cfg.SOLVER.MAX_ITER))
+                                                max_iter=cfg.SOLVER.MAX_ITER, max_to_keep=2))
     if comm.is_main_process():
         hook_list.append(hooks.PeriodicWriter(_writers(cfg, out), period=log_period))
     trainer.register_hooks(hook_list)
