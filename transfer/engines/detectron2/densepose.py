@@ -12,7 +12,8 @@ DensePose fetches four SMPL-derived files from dl.fbaipublicfiles.com at run tim
 ``PathManager`` (iopath): ``UV_symmetry_transforms.mat`` when its dataset mapper is built (training) and
 ``SMPL_subdiv.mat``, ``SMPL_SUBDIV_TRANSFORM.mat``, ``Pdist_matrix.pkl`` in the GPS evaluation. They are
 fetched (or found in iopath's cache) before training starts, so an offline machine fails in seconds with
-the list of files to place, not after 130k iterations.
+the list of files to place, not after 130k iterations. The GPS evaluation runs under
+:func:`.densepose_compat.lenient_path_manager` (DensePose passes iopath 0.1.9 a keyword it refuses).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from detectron2.utils.file_io import PathManager
 from transfer.context import TrialContext
 from transfer.data.densepose import densepose_paths
 from transfer.engines.detectron2.config import build_config
+from transfer.engines.detectron2.densepose_compat import lenient_path_manager
 from transfer.engines.detectron2.detection import _finish
 from transfer.engines.detectron2.keys import TASK_YAML
 from transfer.engines.detectron2.train import train_and_evaluate
@@ -100,12 +102,13 @@ def register_densepose(data_root: Path, split: str) -> str:
 
 def densepose_metrics(results: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     """DensePose's ``{"densepose_gps": {"AP": .., "AP50": .., "APm": ..}, "densepose_gpsm": ..}`` ->
-    ``{"APdp": .., "APdp50": .., "APdpm": .., "APdpgpsm": ..}``; ``-1`` (DensePose's "no predictions") -> NaN."""
+    ``{"APdp": .., "APdp50": .., "APdpm": .., "APdpgpsm": ..}``; a negative value (COCOeval's -1 for "nothing to
+    evaluate", -100 after DensePose's percent scaling, e.g. no large persons) -> NaN."""
     out: Dict[str, float] = {}
     for key, prefix in _GPS.items():
         for name, value in results.get(key, {}).items():
             if name.startswith("AP") and "-" not in name:
-                out[prefix + name[2:]] = float("nan") if value == -1 else float(value)
+                out[prefix + name[2:]] = float("nan") if value < 0 else float(value)
     return out
 
 
@@ -126,12 +129,17 @@ def run_densepose(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict
     if comm.is_main_process():
         os.makedirs(out_dir, exist_ok=True)
 
+    class GPSEvaluator(DensePoseCOCOEvaluator):
+        def evaluate(self, img_ids=None):
+            with lenient_path_manager():  # DensePose's timeout_sec vs. iopath 0.1.9 (densepose_compat.py)
+                return super().evaluate(img_ids)
+
     def evaluator(name: str) -> DensePoseCOCOEvaluator:
         # as DensePose's Trainer.build_evaluator (IUV, min IoU 0.5, its storage choice)
-        return DensePoseCOCOEvaluator(name, cfg_d2.DENSEPOSE_EVALUATION.DISTRIBUTED_INFERENCE, out_dir,
-                                      evaluator_type=cfg_d2.DENSEPOSE_EVALUATION.TYPE,
-                                      min_iou_threshold=cfg_d2.DENSEPOSE_EVALUATION.MIN_IOU_THRESHOLD,
-                                      storage=build_densepose_evaluator_storage(cfg_d2, out_dir))
+        return GPSEvaluator(name, cfg_d2.DENSEPOSE_EVALUATION.DISTRIBUTED_INFERENCE, out_dir,
+                            evaluator_type=cfg_d2.DENSEPOSE_EVALUATION.TYPE,
+                            min_iou_threshold=cfg_d2.DENSEPOSE_EVALUATION.MIN_IOU_THRESHOLD,
+                            storage=build_densepose_evaluator_storage(cfg_d2, out_dir))
 
     run = train_and_evaluate(cfg_d2, weights, ctx, evaluator, log_period=cfg.log_period,
                              build_train_loader=build_detection_train_loader,
