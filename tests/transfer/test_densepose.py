@@ -193,3 +193,47 @@ def test_missing_smpl_files_fail_before_training_with_where_to_put_them(tmp_path
         assert f"{tmp_path / 'cache' / 'densepose' / 'data' / name}" in msg
         assert f"https://dl.fbaipublicfiles.com/densepose/data/{name}" in msg
     assert "SMPL_subdiv.mat ->" not in msg
+
+
+def _stand_in_smpl_files(cache) -> None:
+    """DensePose's four SMPL files in their format (NOT the SMPL data: a 4 x 4 UV grid per part, UV distances
+    within a part, 2 across parts, identity flips), so that training and the GPS evaluation run offline."""
+    import pickle
+
+    import scipy.io
+
+    out = cache / "densepose" / "data"
+    out.mkdir(parents=True)
+    u, v = np.meshgrid((np.arange(4) + 0.5) / 4, (np.arange(4) + 0.5) / 4)
+    U, V, P = np.tile(u.ravel(), 24), np.tile(v.ravel(), 24), np.repeat(np.arange(1, 25, dtype=np.int32), 16)
+    scipy.io.savemat(out / "SMPL_subdiv.mat", {"U_subdiv": U[None], "V_subdiv": V[None], "Part_ID_subdiv": P[None]})
+    scipy.io.savemat(out / "SMPL_SUBDIV_TRANSFORM.mat", {"index": np.arange(1, U.size + 1, dtype=np.int32)[None]})
+    n = 27554  # the evaluator's vertex count and its pair index (densepose_coco_evaluation.py getDistancesUV)
+    a, b = np.triu_indices(U.size, 1)
+    i, j = n - b - 1, n - a - 1
+    k = ((n * n - n) / 2 - ((n * (n - 1) / 2) - (n - i) * ((n - i) - 1) / 2 + j - i - 1) - 1).astype(np.int64)
+    pdist = np.zeros((k.max() + 1, 1), np.float32)
+    pdist[k, 0] = np.where(P[a] == P[b], np.hypot(U[a] - U[b], V[a] - V[b]), 2.0)
+    (out / "Pdist_matrix.pkl").write_bytes(pickle.dumps({"Pdist_matrix": pdist}))
+    grid = np.arange(256, dtype=np.float32) / 255
+    cells = {name: np.empty((1, 24), dtype=object) for name in ("U_transforms", "V_transforms")}
+    for p in range(24):
+        cells["U_transforms"][0, p], cells["V_transforms"][0, p] = np.tile(grid, (256, 1)), np.tile(grid[:, None], 256)
+    scipy.io.savemat(out / "UV_symmetry_transforms.mat", cells, do_compression=True)
+
+
+@needs_densepose
+def test_densepose_smoke_runs_end_to_end_through_densepose_evaluator(tmp_path, monkeypatch):
+    """The smoke preset, shrunk, on the synthetic data: trains through DensePose's loaders and evaluates with
+    DensePoseCOCOEvaluator (GPS) on stand-in SMPL files; metrics.json has the APdp columns."""
+    _stand_in_smpl_files(tmp_path / "cache")
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
+    tiny = ["solver.iterations=2", "solver.batch_size=2", "solver.steps=[1]", "precise_bn.num_iters=1",
+            "input.min_size_train=[64]", "input.min_size_test=64", "densepose.conv_head_dim=16"]
+    assert main(["--weights", "random", "--arch", "resnet18", "--tasks", "coco_densepose", "--preset", "smoke",
+                 "--engine", "detectron2", "--output", str(tmp_path / "out"), "--no-report",
+                 *[f"coco_densepose.{o}" for o in tiny]]) == 0
+    trial = tmp_path / "out" / "random-resnet18" / "coco_densepose" / "detectron2" / "trial0"
+    rec = json.loads((trial / "metrics.json").read_text())
+    assert rec["status"] == "ok" and rec["engine"] == "detectron2" and {"APdp", "APdp50", "APdp75"} <= set(rec["metrics"])
+    assert (trial / "d2_checkpoints" / "last_checkpoint").is_file()
