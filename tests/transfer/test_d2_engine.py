@@ -140,8 +140,10 @@ def test_detectron2_yaml_is_the_task_protocol(task, tmp_path):
 
 @needs_d2
 @pytest.mark.parametrize("task,arch", [("voc07_det", "resnet18"), ("voc07_det", "resnet50"),
-                                       ("coco_fpn_1x", "resnet18")])
+                                       ("coco_fpn_1x", "resnet18"), ("coco_densepose", "resnet18")])
 def test_converted_weights_load_with_exactly_the_heads_missing(task, arch, tmp_path):
+    if "densepose" in TASK_YAML[task] and not d2_engine.densepose_available():
+        pytest.skip("Detectron2's DensePose project is not importable")
     from detectron2.modeling import build_model
 
     from transfer.engines.detectron2.config import build_config
@@ -153,7 +155,8 @@ def test_converted_weights_load_with_exactly_the_heads_missing(task, arch, tmp_p
     model = build_model(cfg)
     missing = load_backbone(model, weights)
     heads = ("proposal_generator.", "roi_heads.box_predictor.", "roi_heads.res5.norm.", "roi_heads.box_head.",
-             "roi_heads.mask_head.", "backbone.fpn_", "backbone.top_block")
+             "roi_heads.mask_head.", "backbone.fpn_", "backbone.top_block",
+             "roi_heads.densepose_head.", "roi_heads.densepose_predictor.")  # DensePose R-CNN's head
     assert missing and all(k.startswith(heads) for k in missing), sorted(missing)
     own = model.state_dict()
     c4 = "C4" in TASK_YAML[task]
