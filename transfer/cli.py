@@ -132,6 +132,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         if [t for t in tasks if t not in known] or not tasks:
             print(f"error: unknown task(s) in {args.tasks!r}; known: {', '.join(task_order())}", file=sys.stderr)
             return 2
+        if args.tasks == "all":  # as a local run: a task no engine here can run is not submitted
+            from transfer.registry import get_task
+            from transfer.runner import unrunnable_reason
+
+            for t in list(tasks):
+                reason = unrunnable_reason(get_task(t), args.engine)
+                if reason is not None:
+                    print(f"not submitted: {t}: {reason} (name it in --tasks to submit it anyway)", file=sys.stderr)
+                    tasks.remove(t)
         return submit_to_slurm(args, argv, tasks)
     from pretrain.utils.config import ConfigError
     from transfer.registry import load_builtin_tasks, task_order

@@ -39,6 +39,20 @@ def test_per_trial_jobs(tmp_path, capsys):
     assert len(jobs) == 5 and "--only-trial 4" in jobs[-1]  # VOC's protocol: 5 trials, a job each
 
 
+def test_all_tasks_submits_only_what_an_engine_here_can_run(tmp_path, capsys):
+    from transfer.registry import load_builtin_tasks, task_order
+
+    load_builtin_tasks()
+    assert main(["--weights", "random", "--tasks", "all", "--output", str(tmp_path), "--launcher", "slurm",
+                 "--engine", "torchvision", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    jobs = [line.split(":")[0][len("job "):] for line in captured.out.splitlines() if line.startswith("job ")]
+    assert "coco_densepose" in task_order() and "voc07_det" in jobs
+    assert "coco_densepose" not in jobs  # Detectron2-only: never on --engine torchvision
+    assert "not submitted: coco_densepose" in captured.err
+    assert sorted(jobs + ["coco_densepose"]) == sorted(task_order())
+
+
 def test_strip_launcher_args():
     argv = ["--weights", "w", "--launcher=slurm", "--nodes", "2", "--dry-run", "--partition", "p", "a.b=1"]
     assert slurm.strip_launcher_args(argv) == ["--weights", "w", "a.b=1"]
