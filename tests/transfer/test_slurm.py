@@ -72,7 +72,7 @@ def test_local_executor_job_preempted_requeued_and_resumed(tmp_path, monkeypatch
     monkeypatch.setattr(slurm, "submit", local_submit)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it: no oversubscription of a shared CPU
     out = tmp_path / "res"
-    epochs = 8
+    epochs = 300  # about 15 ms each: seconds, so that the preemption below lands before the job ends
     assert main(["--weights", "random", "--arch", "resnet18", "--tasks", "imagenet_linear", "--preset", "smoke",
                  "--data-root", str(data), "--output", str(out), "--no-report", "--launcher", "slurm",
                  "--gpus-per-node", "1", "data.image_size=16", "data.resize_size=16",
@@ -88,7 +88,7 @@ def _preempt_and_check(job, out, epochs):
     trial = out / "random-resnet18" / "imagenet_linear" / "trial0"
     deadline = time.time() + 150
     while not (trial / "linear_checkpoint.pth").is_file() and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.02)
     assert (trial / "linear_checkpoint.pth").is_file(), job.stderr()
     # what SLURM does on preemption: USR2 to the job's task (submitit's local executor runs it as a child of
     # its controller process); submitit checkpoints, and the controller starts the requeued job
