@@ -1,13 +1,13 @@
-"""The linear probe killed with SIGKILL at three moments (right after a mid-epoch checkpoint, at an arbitrary
-later moment, during an evaluation) and resumed each time ends with exactly the history and metrics of an
-uninterrupted run (CPU); a checkpoint of another protocol is refused."""
+"""The linear probe killed with SIGKILL at three moments (right after a mid-epoch checkpoint, before a later
+checkpoint is written, during an evaluation) and resumed each time ends with exactly the history and metrics of
+an uninterrupted run (CPU); a checkpoint of another protocol is refused.
+
+The kill points are exact: a driver process wraps the probe's checkpoint writer and evaluation and kills itself
+at the n-th call (polling the checkpoint file from outside misses points that last milliseconds)."""
 import json
-import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,35 @@ from transfer.run_all import main
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS, ITERS = 15, 4  # 16 train images, batch 4
 
+# argv: WHERE N then run_all's arguments; WHERE: after_save / before_save (the n-th checkpoint write) or eval
+DRIVER = r"""
+import os, signal, sys
+where, n = sys.argv[1], int(sys.argv[2])
+from transfer.engines.torchvision.classification import linear
+
+calls = {"save": 0, "eval": 0}
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+save, evaluate = linear.atomic_torch_save, linear.evaluate
+def counted_save(*a, **k):
+    calls["save"] += 1
+    if where == "before_save" and calls["save"] == n:
+        die()
+    save(*a, **k)
+    if where == "after_save" and calls["save"] == n:
+        die()
+def counted_eval(*a, **k):
+    calls["eval"] += 1
+    if where == "eval" and calls["eval"] == n:
+        die()
+    return evaluate(*a, **k)
+linear.atomic_torch_save, linear.evaluate = counted_save, counted_eval
+
+from transfer.run_all import main
+sys.exit(main(sys.argv[3:]))
+"""
+
 
 def _args(data: Path, out: Path, *extra: str):
     return ["--weights", "random", "--arch", "resnet18", "--tasks", "imagenet_linear", "--preset", "smoke",
@@ -28,33 +57,17 @@ def _args(data: Path, out: Path, *extra: str):
 
 
 def _position(ckpt: Path):
-    try:
-        c = torch.load(ckpt, weights_only=True)
-        return int(c["epoch"]), int(c["iteration"])
-    except Exception:  # noqa: BLE001  (not written yet)
-        return None
+    c = torch.load(ckpt, weights_only=True)
+    return int(c["epoch"]), int(c["iteration"])
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def _run_until(args, ckpt: Path, stop, delay: float = 0.0) -> None:
-    """Start the suite, SIGKILL it as soon as ``stop(epoch, iteration)`` holds for its checkpoint."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "transfer" / "run_all.py"), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        while proc.poll() is None:
-            pos = _position(ckpt)
-            if pos is not None and stop(*pos):
-                time.sleep(delay)
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return
-            time.sleep(0.005)
-        pytest.fail(f"the run ended (status {proc.returncode}) before its kill point")
-    finally:
-        proc.kill()
+def _killed(args, where: str, n: int) -> None:
+    proc = subprocess.run([sys.executable, "-c", DRIVER, where, str(n), *args], cwd=ROOT, timeout=240,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
 
 @pytest.mark.timeout(300)
@@ -67,11 +80,13 @@ def test_killed_three_times_and_resumed_equals_uninterrupted(tmp_path):
 
     out = tmp_path / "killed"
     ckpt = out / trial / "linear_checkpoint.pth"
-    _run_until(_args(data, out), ckpt, lambda e, i: e == 0 and i >= 1)  # right after a mid-epoch checkpoint
-    assert _position(ckpt)[0] == 0
-    _run_until(_args(data, out), ckpt, lambda e, i: e >= 4, delay=random.Random(0).uniform(0, 0.05))  # anywhere
+    _killed(_args(data, out), "after_save", 2)  # right after a mid-epoch checkpoint
+    assert _position(ckpt) == (0, 2)
+    # resumed at (0, 2): one write per iteration and one per epoch end; the 21st would hold (4, 3): killed before it
+    _killed(_args(data, out), "before_save", 21)
+    assert _position(ckpt) == (4, 2)
     # the last iteration of epoch 9 is saved, then its evaluation runs (eval_every 3): kill there
-    _run_until(_args(data, out), ckpt, lambda e, i: e == 8 and i == ITERS)
+    _killed(_args(data, out), "eval", 2)  # this run's second evaluation: epochs 6 and 9
     assert _position(ckpt) == (8, ITERS)
     assert main(_args(data, out)) == 0
     log = (out / trial / "log.txt").read_text()
