@@ -88,9 +88,18 @@ class UnreadableImages:
                                           f"{self.limit} allowed by data.max_unreadable_fraction), "
                                           f"e.g. {self.paths[i]}")
 
-    def read(self, i: int, open_fn: Callable[[int], object]) -> tuple[int, object]:
+    def read(self, i: int, open_fn: Callable[[int], object], stand_in: bool = True) -> tuple[int, object]:
         """``(j, open_fn(j))`` for the first readable sample ``j`` from ``i`` on (wrapping): a stand-in keeps
-        batches full, as in pretraining; the unreadable ones are flagged and counted."""
+        batches full, as in pretraining; the unreadable ones are flagged and counted. ``stand_in=False``
+        (evaluation, where no other image may take this one's place): ``(i, None)`` when ``i`` is unreadable."""
+        if not stand_in:
+            if self.flags[i]:
+                return i, None
+            try:
+                return i, open_fn(i)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                self.mark(i, e)
+                return i, None
         for k in range(len(self.paths)):
             j = (i + k) % len(self.paths)
             if self.flags[j]:
@@ -188,10 +197,14 @@ class LabelledImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
-        # an unreadable file is flagged and the next readable sample's pixels take its place
+    def read(self, i: int):
+        """``(image, label)`` of sample ``i`` before the transform: an unreadable file is flagged and counted
+        and the next readable sample's pixels take its place (with that sample's label, or :data:`MISSED`)."""
         j, img = self.unreadable.read(i, lambda k: self.loader(self.samples[k][0]))
-        label = self.samples[j][1] if self.stand_in or j == i else MISSED
+        return img, (self.samples[j][1] if self.stand_in or j == i else MISSED)
+
+    def __getitem__(self, i: int):
+        img, label = self.read(i)
         return (self.transform(img) if self.transform is not None else img), label
 
 

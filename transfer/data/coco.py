@@ -267,8 +267,8 @@ class COCOInstances(Dataset):
 
     def __getitem__(self, idx: int) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         # an unreadable image is flagged and counted; the first readable record from idx on is returned
-        j, arr = self.unreadable.read(idx, self._decode)
-        if j != idx and not self.stand_in:
+        j, arr = self.unreadable.read(idx, self._decode, stand_in=self.stand_in)
+        if arr is None:
             return None, {"image_id": self.records[idx]["image_id"]}
         r = self.records[j]
         self._check_size(r, arr)

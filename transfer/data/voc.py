@@ -162,8 +162,8 @@ class VOCDetection(Dataset):
 
     def __getitem__(self, idx: int) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         # an unreadable image is flagged and counted; the next readable record stands in (image and boxes)
-        j, arr = self.unreadable.read(idx, self._decode)
-        if j != idx and not self.stand_in:
+        j, arr = self.unreadable.read(idx, self._decode, stand_in=self.stand_in)
+        if arr is None:
             return None, {"image_id": self.records[idx]["image_id"]}
         r = self.records[j]
         image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)

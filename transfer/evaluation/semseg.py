@@ -42,6 +42,14 @@ class SemSegEvaluator:
         self.conf: Optional[torch.Tensor] = None
         self.missed: Optional[torch.Tensor] = None  # (num_classes,) ground-truth pixels of unpredicted images
 
+    def _scored(self, gt: torch.Tensor) -> torch.Tensor:
+        """The flat ground-truth labels that are scored (``ignore_label`` left out), checked to be classes."""
+        gt = gt[gt != self.ignore_label]
+        n = self.num_classes
+        if gt.numel() and (int(gt.max()) >= n or int(gt.min()) < 0):
+            raise ValueError(f"ground-truth label {int(gt.max())} outside 0..{n - 1} (and ignore {self.ignore_label})")
+        return gt
+
     def process(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
         """Add one image (or a batch). pred, gt: integer (H, W) or (N, H, W) of the same shape; gt holds
         0..num_classes-1 or ``ignore_label``; pred holds 0..num_classes-1."""
@@ -49,12 +57,9 @@ class SemSegEvaluator:
         if pred.shape != gt.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape")
         gt = gt.to(pred.device).long().reshape(-1)
-        pred = pred.long().reshape(-1)
-        keep = gt != self.ignore_label
-        gt, pred = gt[keep], pred[keep]
+        pred = pred.long().reshape(-1)[gt != self.ignore_label]
+        gt = self._scored(gt)
         n = self.num_classes
-        if gt.numel() and (int(gt.max()) >= n or int(gt.min()) < 0):
-            raise ValueError(f"ground-truth label {int(gt.max())} outside 0..{n - 1} (and ignore {self.ignore_label})")
         if pred.numel() and (int(pred.max()) >= n or int(pred.min()) < 0):
             raise ValueError(f"predicted label outside 0..{n - 1}")
         counts = torch.bincount(gt * n + pred, minlength=n * n).reshape(n, n)
@@ -62,12 +67,8 @@ class SemSegEvaluator:
 
     def process_unpredicted(self, gt: torch.Tensor) -> None:
         """Add an image that got no prediction: gt (H, W) as in :meth:`process`; its pixels count as missed."""
-        gt = torch.as_tensor(gt).long().reshape(-1)
-        gt = gt[gt != self.ignore_label]
-        n = self.num_classes
-        if gt.numel() and (int(gt.max()) >= n or int(gt.min()) < 0):
-            raise ValueError(f"ground-truth label {int(gt.max())} outside 0..{n - 1} (and ignore {self.ignore_label})")
-        counts = torch.bincount(gt, minlength=n)
+        gt = self._scored(torch.as_tensor(gt).long().reshape(-1))
+        counts = torch.bincount(gt, minlength=self.num_classes)
         self.missed = counts if self.missed is None else self.missed + counts.to(self.missed.device)
 
     def missed_pixels(self) -> np.ndarray:

@@ -30,6 +30,7 @@ from pretrain.data.folder import restore_unreadable_flags, unreadable_flags
 from pretrain.utils import dist
 from pretrain.utils.config import protocol_dict
 from pretrain.utils.io import atomic_torch_save, safe_torch_load
+from transfer.engines.torchvision.detection.loop import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,6 @@ def trial_protocol(cfg: Any, seed: int, world_size: int) -> dict:
     return {"config": protocol_dict(cfg), "seed": int(seed), "world_size": int(world_size)}
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 class TrialCheckpoint:
     """``<trial>/checkpoint.pth``: :meth:`save` (a collective: every process's RNG state is gathered to rank 0,
     which writes atomically) and :meth:`restore` (every process reads the file; a shared file system is assumed,
@@ -88,7 +85,7 @@ class TrialCheckpoint:
         ranks = dist.gather_objects({"rng": rng_state(), "unreadable": unreadable_flags()})
         if dist.is_main():
             atomic_torch_save({
-                "stage": stage, "iteration": int(iteration), "model": _unwrap(model).state_dict(),
+                "stage": stage, "iteration": int(iteration), "model": unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
                 "rng": [r["rng"] for r in ranks], "unreadable": [r["unreadable"] for r in ranks],
                 "losses": {k: float(v) for k, v in losses.items()}, "protocol": self.protocol,
@@ -111,7 +108,7 @@ class TrialCheckpoint:
         if state.get("stage") not in STAGES:
             raise ValueError(f"{self.path}: not a trial checkpoint of this suite (stage {state.get('stage')!r}); "
                              "delete it to restart the trial")
-        _unwrap(model).load_state_dict(state["model"])
+        unwrap(model).load_state_dict(state["model"])
         if optimizer is not None and state["optimizer"] is not None:
             optimizer.load_state_dict(state["optimizer"])
         rngs = state["rng"]

@@ -94,8 +94,7 @@ class SeededViews(Dataset):
         return self.base.unreadable
 
     def __getitem__(self, i: int):
-        j, img = self.base.unreadable.read(i, lambda k: self.base.loader(self.base.samples[k][0]))
-        label = self.base.samples[j][1]
+        img, label = self.base.read(i)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.view * 10_000_019 + i)
             return self.transform(img), label

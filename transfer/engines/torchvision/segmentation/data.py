@@ -62,9 +62,10 @@ class SemSegDataset(Dataset):
 
     def __getitem__(self, idx: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
         # an unreadable sample is flagged and counted; the first readable one from idx on is returned
-        j, (image, label) = self.unreadable.read(idx, self._load)
-        if j != idx and not self.train:
+        j, sample = self.unreadable.read(idx, self._load, stand_in=self.train)
+        if sample is None:
             return (*self._unpredictable(idx), idx)
+        image, label = sample
         if self.train:
             image, label = self._augment(image, label)
         return image, label, j
