@@ -65,7 +65,7 @@ class Variant:
         cuda = device.type == "cuda"
         mem0 = torch.cuda.memory_allocated(device) if cuda else 0
         cfg = load_pretrain_config(CONFIG, [f"model.arch={a.arch}", f"model.queue_size={a.queue_size}",
-                                            f"data.batch_size={a.batch}", f"model.shuffle_bn_splits={splits}"])
+                                            f"solver.batch_size={a.batch}", f"model.shuffle_bn_splits={splits}"])
         torch.manual_seed(0)
         model = build_moco(cfg).to(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -165,7 +165,7 @@ def bench_data(a) -> None:
     print(f"data pipeline (class folders {root}, aug v2, {a.image_size}px, two views per image):")
     for w in [int(x) for x in a.workers.split(",")]:
         cfg = load_pretrain_config(CONFIG, [
-            f"data.root={root}", f"data.workers={w}", f"data.batch_size={a.batch}", f"data.image_size={a.image_size}"])
+            f"data.root={root}", f"data.num_workers={w}", f"solver.batch_size={a.batch}", f"data.image_size={a.image_size}"])
         loader, sampler, _ = build_pretrain_loader(cfg, a.batch)
         sampler.set_epoch(0)
         it = iter(loader)

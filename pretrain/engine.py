@@ -53,7 +53,7 @@ def train_one_epoch(
     device: torch.device,
     amp_bf16: bool = False,
     channels_last: bool = False,
-    log_every: int = 10,
+    log_period: int = 10,
     writer=None,
     on_iter_end: Callable[[int, int, int], None] | None = None,
 ) -> tuple[dict, int]:
@@ -89,7 +89,7 @@ def train_one_epoch(
         it += 1
         global_step += 1
         bar.update(1)
-        if n % log_every == 0 or n == num_iters:
+        if n % log_period == 0 or n == num_iters:
             elapsed = time.perf_counter() - t0
             ips = n * im_q.shape[0] * dist.world_size() / max(elapsed, 1e-9)
             loss_avg, acc1_avg = (sums / n).tolist()

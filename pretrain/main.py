@@ -11,7 +11,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pretrain import checkpoint as ckpt_io
-from pretrain.config import PretrainConfig, check_run, effective_lr, effective_summary, per_process_batch
+from pretrain.config import PretrainConfig, check_run, effective_lr, effective_summary, batch_per_process
 from pretrain.data.loader import build_pretrain_loader
 from pretrain.data.shards import StreamTracker
 from pretrain.engine import train_one_epoch
@@ -36,14 +36,15 @@ def _seed_everything(seed: int) -> None:
 def _maybe_knn(cfg: PretrainConfig, moco, device: torch.device, epoch: int) -> dict | None:
     """kNN monitor with the query backbone (pooled features): every rank extracts its share of the
     images, rank 0 scores (App. A.9's monitor). Returns the metrics on rank 0, None elsewhere."""
-    m = cfg.monitor
-    if m.knn_every <= 0 or epoch % m.knn_every:
+    m = cfg.knn
+    if m.period_epochs <= 0 or epoch % m.period_epochs:
         return None
     from pretrain.knn import knn_eval
 
     backbone = PooledBackbone(moco.encoder_q)  # the bare module: DDP's forward would sync buffers
-    result = knn_eval(backbone, Path(m.knn_train), Path(m.knn_val), device, cfg.data.image_size,
-                      k=m.k, temperature=m.t, batch_size=m.batch_size, workers=min(cfg.data.workers, 4))
+    result = knn_eval(backbone, Path(m.train_root), Path(m.val_root), device, cfg.data.image_size,
+                      k=m.k, temperature=m.temperature, batch_size=m.batch_per_process,
+                      workers=min(cfg.data.num_workers, 4))
     moco.train()
     dist.barrier()
     return result
@@ -57,7 +58,7 @@ def main(cfg: PretrainConfig) -> dict:
     setup_logging(out / "log.txt")
     ws = dist.world_size()
     check_run(cfg, ws)
-    _seed_everything(cfg.run.seed + dist.rank())
+    _seed_everything(cfg.seed + dist.rank())
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.backends.cudnn.benchmark = True  # fixed input sizes; CPU runs stay bit-deterministic
@@ -67,20 +68,20 @@ def main(cfg: PretrainConfig) -> dict:
         atomic_write_json(out / "env.json", collect_env(device))
 
     moco = build_moco(cfg, ws).to(device)
-    if cfg.run.channels_last and on_gpu:
+    if cfg.precision.channels_last and on_gpu:
         moco = moco.to(memory_format=torch.channels_last)
     # SyncBN is deliberately not used: shuffle BN is the point (App. A.9).
     model = DistributedDataParallel(moco, device_ids=[device.index] if on_gpu else None) if ws > 1 else moco
     # all parameters, as the official code, so its optimizer state dicts load; f_k has no grads so SGD skips it
-    optimizer = torch.optim.SGD(moco.parameters(), lr=effective_lr(cfg), momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
-    local_batch = per_process_batch(cfg, ws)
+    optimizer = torch.optim.SGD(moco.parameters(), lr=effective_lr(cfg), momentum=cfg.solver.momentum,
+                                weight_decay=cfg.solver.weight_decay)
+    local_batch = batch_per_process(cfg, ws)
     loader, sampler, dataset = build_pretrain_loader(cfg, local_batch)
     iters_per_epoch = sampler.iters_per_epoch if sampler is not None else None
-    iteration_based = cfg.optim.iterations > 0
-    total_steps = cfg.optim.iterations if iteration_based else iters_per_epoch * cfg.optim.epochs
+    iteration_based = cfg.solver.iterations > 0
+    total_steps = cfg.solver.iterations if iteration_based else iters_per_epoch * cfg.solver.epochs
     # iteration-based runs are cut into chunks ("epochs") between periodic checkpoints
-    chunk = iters_per_epoch or (cfg.run.save_every_iters or total_steps)
+    chunk = iters_per_epoch or (cfg.solver.checkpoint_period or total_steps)
     num_epochs = -(-total_steps // chunk)
 
     start = ckpt_io.ResumePoint(0, 0, 0, False)
@@ -94,7 +95,7 @@ def main(cfg: PretrainConfig) -> dict:
         start = ckpt_io.load_checkpoint(resume, moco, optimizer, cfg.model.arch, iters_per_epoch)
         log.info("resumed from %s at epoch %d iter %d (step %d)%s", resume, start.epoch, start.start_iter,
                  start.global_step, " [official checkpoint]" if start.official else "")
-    tracker = StreamTracker(cfg.data.workers) if sampler is None else None
+    tracker = StreamTracker(cfg.data.num_workers) if sampler is None else None
     if tracker is not None:  # shard streams continue where the consumed batches stopped (data/shards.py)
         if start.streams is not None:
             tracker.load(start.streams, resume)
@@ -112,12 +113,12 @@ def main(cfg: PretrainConfig) -> dict:
 
         writer = SummaryWriter(str(out / "tb"))
 
-    o = cfg.optim
+    o = cfg.solver
     base = effective_lr(cfg)
 
     def lr_fn(epoch: int, step: int) -> float:
         return lr_at(o.schedule, base, epoch=epoch, epochs=o.epochs, iteration=step,
-                     iterations=o.iterations, steps=o.steps, exp_every=o.exp_every, exp_gamma=o.exp_gamma)
+                     iterations=o.iterations, steps=o.steps, gamma=o.gamma, step_period=o.step_period)
 
     config_dict = config_to_dict(cfg)
     state = {"step": start.global_step, "skipped": 0}
@@ -136,7 +137,7 @@ def main(cfg: PretrainConfig) -> dict:
 
     def on_iter_end(epoch: int, it: int, step: int) -> None:
         state["step"] = step
-        every = cfg.run.save_every_iters
+        every = cfg.solver.checkpoint_period
         if every > 0 and step % every == 0 and it < epoch_len(epoch):  # the epoch end saves anyway
             save(ckpt_io.LAST, epoch, it)
 
@@ -151,13 +152,13 @@ def main(cfg: PretrainConfig) -> dict:
         batches = loader if sampler is not None else shard_iter
         stats, state["step"] = train_one_epoch(
             model, batches, optimizer, epoch=epoch, num_iters=n_iters, start_iter=start_iter,
-            global_step=state["step"], lr_fn=lr_fn, device=device, amp_bf16=cfg.run.amp_bf16 and on_gpu,
-            channels_last=cfg.run.channels_last and on_gpu, log_every=cfg.run.log_every, writer=writer,
+            global_step=state["step"], lr_fn=lr_fn, device=device, amp_bf16=cfg.precision.amp_bf16 and on_gpu,
+            channels_last=cfg.precision.channels_last and on_gpu, log_period=cfg.log_period, writer=writer,
             on_iter_end=on_iter_end,
         )
         state["skipped"] += stats["skipped_images"]
         save(ckpt_io.LAST, epoch + 1, 0)
-        if (epoch + 1) % cfg.run.save_every_epochs == 0 or epoch + 1 == num_epochs:
+        if (epoch + 1) % cfg.run.keep_period_epochs == 0 or epoch + 1 == num_epochs:
             save(f"checkpoint_{epoch + 1:04d}.pth", epoch + 1, 0)
         knn = _maybe_knn(cfg, moco, device, epoch + 1)
         if knn:

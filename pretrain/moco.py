@@ -104,7 +104,7 @@ class MoCo(nn.Module):
         n = keys.shape[0]
         if self.queue_size % n:
             raise ValueError(f"queue_size={self.queue_size} is not a multiple of the global batch {n}: "
-                             "the queue is filled one whole batch at a time (set model.queue_size or data.batch_size)")
+                             "the queue is filled one whole batch at a time (set model.queue_size or solver.batch_size)")
         cols = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % self.queue_size
         self.queue.index_copy_(1, cols, keys.T)
         self.queue_ptr.add_(n).remainder_(self.queue_size)  # wrap around: oldest entries go first

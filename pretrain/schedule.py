@@ -36,7 +36,7 @@ def exp_step_lr(base: float, iteration: int, every: int, gamma: float = 0.9) -> 
 
 
 def lr_at(schedule: str, base: float, *, epoch: int, epochs: int, iteration: int, iterations: int,
-          steps: Sequence[int], exp_every: int, exp_gamma: float) -> float:
+          steps: Sequence[int], gamma: float, step_period: int) -> float:
     """Dispatch on the config's schedule name.
 
     Epoch-based runs step the lr once per epoch, as the official ``adjust_learning_rate``; iteration-based
@@ -44,10 +44,10 @@ def lr_at(schedule: str, base: float, *, epoch: int, epochs: int, iteration: int
     """
     if schedule == "step":
         if iterations > 0:  # steps are then in iterations
-            return step_lr(base, iteration, steps)
-        return step_lr(base, epoch, steps)
+            return step_lr(base, iteration, steps, gamma)
+        return step_lr(base, epoch, steps, gamma)
     if schedule == "cosine":
         return cosine_lr(base, iteration / iterations if iterations > 0 else epoch / epochs)
     if schedule == "exp_step":
-        return exp_step_lr(base, iteration, exp_every, exp_gamma)
+        return exp_step_lr(base, iteration, step_period, gamma)
     raise ValueError(f"unknown schedule {schedule!r}")

@@ -15,7 +15,7 @@ DATA="$OUT/data"
 
 "$PYTHON" tools/make_synthetic_data.py --root "$DATA" --kinds imagenet
 "$PYTHON" tools/train_moco.py --config configs/pretrain/smoke.yaml --resume auto \
-  data.root="$DATA/imagenet" monitor.knn_train="$DATA/imagenet/train" monitor.knn_val="$DATA/imagenet/val" \
+  data.root="$DATA/imagenet" knn.train_root="$DATA/imagenet/train" knn.val_root="$DATA/imagenet/val" \
   run.output_dir="$OUT/pretrain"
 "$PYTHON" tools/convert_to_d2.py "$OUT/pretrain/checkpoint_last.pth" "$OUT/weights/moco_smoke.pkl"
 "$PYTHON" tools/convert_to_d2.py "$OUT/pretrain/checkpoint_last.pth" "$OUT/weights/moco_smoke.pth" \

@@ -28,7 +28,7 @@ def cli(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML under configs/pretrain/")
     p.add_argument("--resume", default=None, help='checkpoint path or "auto" (same as run.resume=...)')
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=0.06 data.workers=4")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. solver.base_lr=0.06 data.num_workers=4")
     add_launcher_args(p)
     argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)

@@ -44,11 +44,11 @@ class PublishedRows:
     ``metrics`` maps a CSV metric name to the suite's (``"<metric>:std"`` marks a standard deviation).
     """
 
-    ref_task: str  # the CSV's ``task`` column
     backbone: str  # the CSV's ``backbone`` column
     tables: Tuple[str, ...]  # the CSV's ``table`` values kept, in display order (first copy of a repeat wins)
     metrics: Dict[str, str]
     note: str = ""  # a caveat printed under the table
+    task: str = ""  # the CSV's ``task`` column: the task's own name unless set (a variant showing another's rows)
 
 
 @dataclass

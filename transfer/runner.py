@@ -39,9 +39,11 @@ import torch
 
 from pretrain.data.folder import count_unreadable
 from pretrain.utils import dist
-from pretrain.utils.config import ConfigError, config_to_yaml, load_config, protocol_hash
+from pretrain.utils.config import ConfigError, config_to_yaml, leaf_keys, load_config, protocol_hash
+from pretrain.utils.vocabulary import translate_dotlist
 from pretrain.utils.env import collect_env
 from pretrain.utils.io import atomic_write_json, atomic_write_text
+from transfer import results
 from transfer.context import TrialContext
 from transfer.engines import detectron2 as d2_engine
 from transfer.registry import TASKS, TaskSpec, get_task, load_builtin_tasks
@@ -113,14 +115,13 @@ def unrunnable_reason(spec: TaskSpec, requested: str) -> Optional[str]:
 
 
 def trial_dir(spec: TaskSpec, weights: BackboneWeights, opts: SuiteOptions, trial: int) -> Path:
-    """``OUTPUT/<weights>/<task>/trial<k>`` for the built-in engine, ``OUTPUT/<weights>/<task>/detectron2/trial<k>``
-    for Detectron2 (requested, or chosen by ``auto``): the two engines' trials never skip or overwrite each other."""
-    base = Path(opts.output) / weights.name / spec.name
+    """``OUTPUT/<weights>/<task>/<engine>/trial<k>`` (:func:`transfer.results.trial_dir`): the engines' trials
+    never skip or overwrite each other."""
     try:
         engine = resolve_engine(spec, opts.engine)
-    except RuntimeError:  # an engine that cannot run here: its error is recorded in the default folder
-        engine = "torchvision"
-    return base / f"trial{trial}" if engine == "torchvision" else base / engine / f"trial{trial}"
+    except RuntimeError:  # an engine that cannot run here: its error is recorded in the requested engine's folder
+        engine = opts.engine if opts.engine != "auto" else "torchvision"
+    return results.trial_dir(Path(opts.output), weights.name, spec.name, engine, trial)
 
 
 def config_path(spec: TaskSpec, preset: str) -> Path:
@@ -148,10 +149,18 @@ def route_overrides(tasks: Sequence[str], overrides: Sequence[str]) -> Dict[str,
     """Split ``key=value`` overrides per task.
 
     ``<task>.a.b=v`` goes to that task only (as ``a.b=v``); an un-prefixed ``a.b=v`` goes to every
-    selected task whose config has ``a.b``. An override that no selected task accepts is an error naming
-    the tasks and the key, raised before anything runs.
+    selected task whose config has ``a.b`` (``data.num_workers=0``, ``seed=1``: every task with the concept).
+    Keys renamed since (:mod:`pretrain.utils.vocabulary`) are routed, and passed on, under today's names.
+    An override that no selected task accepts is an error naming the tasks and the key, raised before
+    anything runs.
     """
     load_builtin_tasks()
+
+    def in_schema(task: str, text: str) -> Optional[str]:
+        schema = TASKS[task].schema
+        [new] = translate_dotlist([text], keys=leaf_keys(schema))
+        return new if _schema_has(schema, new.partition("=")[0]) else None
+
     routed: Dict[str, List[str]] = {t: [] for t in tasks}
     for item in overrides:
         key, eq, value = item.partition("=")
@@ -164,16 +173,18 @@ def route_overrides(tasks: Sequence[str], overrides: Sequence[str]) -> Dict[str,
             if head not in routed:
                 raise ConfigError(f"override {item!r} is for task {head!r}, which is not selected "
                                   f"(selected: {', '.join(tasks)})")
-            if not _schema_has(TASKS[head].schema, rest):
+            new = in_schema(head, f"{rest}={value}")
+            if new is None:
                 raise ConfigError(f"override {item!r}: task {head!r} has no config key {rest!r}")
-            routed[head].append(f"{rest}={value}")
+            routed[head].append(new)
             continue
-        takers = [t for t in tasks if _schema_has(TASKS[t].schema, key)]
-        if not takers:
+        takers = {t: in_schema(t, item) for t in tasks}
+        if not any(takers.values()):
             raise ConfigError(f"override {item!r}: no selected task has the config key {key!r} "
                               f"(selected: {', '.join(tasks)}); prefix it with a task name to target one task")
-        for t in takers:
-            routed[t].append(item)
+        for t, new in takers.items():
+            if new is not None:
+                routed[t].append(new)
     return routed
 
 
@@ -223,26 +234,18 @@ def _with_seed(cfg: Any, seed: int) -> Any:
     return dataclasses.replace(cfg, seed=seed) if "seed" in names else cfg
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 NEW, DONE, CONFLICT = 0, 1, 2
 
 
-def _previous_state(metrics_file: Path, want_hash: Optional[str], preset: str, seed: int) -> int:
+def _previous_state(metrics_file: Path, want_hash: Optional[str], preset: str, seed: int, schema: type) -> int:
     """NEW (run it), DONE (an ok result of this very config and seed: skip) or CONFLICT (an ok result of
     another config, preset or seed: refuse rather than overwrite or mix). Rank 0 reads and tells the others."""
     state = torch.tensor([NEW], dtype=torch.int64)
     if dist.is_main():
-        rec = _read_json(metrics_file)
+        rec = results.read_json(metrics_file)
         if rec is not None and rec.get("status") == "ok":
-            same = want_hash is not None and (rec.get("protocol_hash"), rec.get("preset"), rec.get("seed")) == \
+            done_hash = results.record_protocol_hash(rec, metrics_file.parent, schema)
+            same = want_hash is not None and (done_hash, rec.get("preset"), rec.get("seed")) == \
                 (want_hash, preset, seed)
             state[0] = DONE if same else CONFLICT
     if dist.world_size() > 1:
@@ -258,10 +261,10 @@ def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOpt
     if cfg is not None:
         cfg = _with_seed(cfg, seed)
     want_hash = protocol_hash(cfg) if cfg is not None else None
-    state = _previous_state(metrics_file, want_hash, opts.preset, seed)
+    state = _previous_state(metrics_file, want_hash, opts.preset, seed, spec.schema)
     if state == DONE:
         log.info("%s trial %d: finished before, skipped (%s)", spec.name, trial, metrics_file)
-        rec = _read_json(metrics_file) if dist.is_main() else {}
+        rec = results.read_json(metrics_file) if dist.is_main() else {}
         return {**(rec or {}), "skipped": True}
     if state == CONFLICT:
         error = (f"{metrics_file} holds a finished result of another protocol, preset or seed; not overwritten "
@@ -273,6 +276,7 @@ def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOpt
         "status": "failed", "task": spec.name, "family": spec.family, "weights": weights.name, "trial": trial,
         "seed": seed, "engine": None, "preset": opts.preset, "metrics": {}, "error": None,
         "protocol_hash": None, "effective": {}, "weights_info": weights.info(), "wall_time_s": 0.0,
+        "results_version": results.RESULTS_VERSION,
     }
     start = time.time()
     trial_log = _TrialLog(out_dir / "log.txt")

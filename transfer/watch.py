@@ -39,13 +39,16 @@ def periodic_checkpoints(pretrain_dir: Path, every: int) -> List[Tuple[int, Path
 
 
 def final_epoch(pretrain_dir: Path) -> Optional[int]:
-    """``optim.epochs`` from the run's resolved ``config.yaml`` (None for iteration-based or unknown runs)."""
+    """``solver.epochs`` from the run's resolved ``config.yaml`` (None for iteration-based or unknown runs; a
+    run written before the rename to ``solver.*`` is read through :mod:`pretrain.utils.vocabulary`)."""
     import yaml
 
+    from pretrain.utils.vocabulary import translate_tree
+
     try:
-        cfg = yaml.safe_load((Path(pretrain_dir) / "config.yaml").read_text())
-        optim = cfg.get("optim", {})
-        return None if optim.get("iterations", 0) > 0 else int(optim["epochs"])
+        cfg = translate_tree(yaml.safe_load((Path(pretrain_dir) / "config.yaml").read_text()), warn=False)
+        solver = cfg.get("solver", {})
+        return None if solver.get("iterations", 0) > 0 else int(solver["epochs"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
         return None
 

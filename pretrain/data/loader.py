@@ -54,18 +54,18 @@ def build_pretrain_loader(cfg, local_batch: int) -> tuple[DataLoader, ResumableS
     """
     d = cfg.data
     transform = TwoCropsTransform(build_augmentation(d.aug, d.image_size))
-    common = dict(batch_size=local_batch, num_workers=d.workers, pin_memory=torch.cuda.is_available(),
-                  drop_last=True, persistent_workers=d.workers > 0,
+    common = dict(batch_size=local_batch, num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
+                  drop_last=True, persistent_workers=d.num_workers > 0,
                   # own generator: the loader's base-seed draw must not consume the global RNG, or a
                   # mid-epoch resume would diverge from an uninterrupted run
-                  generator=torch.Generator().manual_seed(cfg.run.seed + dist.rank()))
-    if d.workers > 0:
+                  generator=torch.Generator().manual_seed(cfg.seed + dist.rank()))
+    if d.num_workers > 0:
         common["prefetch_factor"] = 4
     if d.kind == "folder":
-        dataset = ClassFolderPairs(d.root, transform, seed=cfg.run.seed)
-        sampler = ResumableSampler(len(dataset), local_batch, dist.world_size(), dist.rank(), cfg.run.seed)
+        dataset = ClassFolderPairs(d.root, transform, seed=cfg.seed)
+        sampler = ResumableSampler(len(dataset), local_batch, dist.world_size(), dist.rank(), cfg.seed)
         log.info("class folders %s: %d images, %d iterations/epoch", d.root, len(dataset), sampler.iters_per_epoch)
         return DataLoader(dataset, sampler=sampler, **common), sampler, dataset
-    dataset = ShardPairs(d.pattern, transform, seed=cfg.run.seed, shuffle_buffer=d.shuffle_buffer)
+    dataset = ShardPairs(d.pattern, transform, seed=cfg.seed, shuffle_buffer=d.shuffle_buffer)
     log.info("tar shards: %d shard(s), e.g. %s", len(dataset.urls), dataset.urls[0])
     return DataLoader(dataset, **common), None, dataset

@@ -180,7 +180,7 @@ class StreamTracker:
         if tuple(pos.shape[:2]) != want:
             raise CheckpointError(
                 f"{path}: its shard streams are for {pos.shape[0]} process(es) x {pos.shape[1]} worker(s), this "
-                f"run has {want[0]} x {want[1]}: resume with the same world size and data.workers to continue "
+                f"run has {want[0]} x {want[1]}: resume with the same world size and data.num_workers to continue "
                 "the streams exactly (shard assignment depends on both)")
         self.positions = pos[dist.rank()].clone()
         self.next_worker = int(state["next_worker"])

@@ -1,13 +1,14 @@
 """Typed configs: code defaults (a dataclass tree), then a YAML file, then dotted CLI overrides.
 
 OmegaConf does the merging and rejects unknown keys and wrong types; we only add ``_BASE_``
-inheritance between YAML files (as Detectron2 and MoCo's detection configs do) and turn its
-errors into one clear message.
+inheritance between YAML files (as Detectron2 and MoCo's detection configs do), read keys renamed since
+(:mod:`pretrain.utils.vocabulary`), and turn its errors into one clear message.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from dataclasses import asdict, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -15,6 +16,8 @@ from typing import Any, Sequence, TypeVar
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from pretrain.utils.vocabulary import translate_dotlist, translate_tree
 
 T = TypeVar("T")
 
@@ -25,7 +28,8 @@ class ConfigError(ValueError):
     """A config file or override does not fit the schema."""
 
 
-def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = (), keys: frozenset | None = None,
+                          warn: bool = True) -> DictConfig:
     path = path.resolve()
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -36,13 +40,13 @@ def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     base = raw.pop(BASE_KEY, None)
-    node = OmegaConf.create(raw)
+    node = OmegaConf.create(translate_tree(raw, where=str(path), keys=keys, warn=warn))
     if base is None:
         return node
     bases = [base] if isinstance(base, str) else list(base)
     merged = OmegaConf.create({})
     for b in bases:
-        merged = OmegaConf.merge(merged, _read_yaml_with_bases(path.parent / b, (*seen, path)))
+        merged = OmegaConf.merge(merged, _read_yaml_with_bases(path.parent / b, (*seen, path), keys, warn))
     return OmegaConf.merge(merged, node)
 
 
@@ -65,27 +69,44 @@ def load_config(
     schema: type[T],
     yaml_path: str | Path | None = None,
     overrides: Sequence[str] = (),
+    warn_renamed: bool = True,
 ) -> T:
     """Build a frozen ``schema`` instance from defaults < YAML (with ``_BASE_``) < ``key=value`` overrides.
 
-    Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key.
+    Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key. Keys renamed since
+    (:mod:`pretrain.utils.vocabulary`) are read under their new names, with a warning unless ``warn_renamed``
+    is false (a stored ``config.yaml`` of an old result).
     """
     try:
         cfg = OmegaConf.structured(schema)
         _make_writable(cfg)
         if yaml_path is not None:
-            cfg = OmegaConf.merge(cfg, _read_yaml_with_bases(Path(yaml_path)))
+            cfg = OmegaConf.merge(cfg, _read_yaml_with_bases(Path(yaml_path), keys=leaf_keys(schema),
+                                                              warn=warn_renamed))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"overrides must look like key=value, got: {bad}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(translate_dotlist(overrides, keys=leaf_keys(schema), warn=warn_renamed)))
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         # OmegaConf's message names the key (e.g. "Key 'lrr' not in 'OptimConfig'"); keep its first line.
         msg = str(e).strip().splitlines()[0]
         where = f" (from {yaml_path})" if yaml_path else ""
         raise ConfigError(f"invalid config{where}: {msg}") from None
+
+
+def leaf_keys(schema: type) -> frozenset:
+    """The dotted leaf keys of a config dataclass (``{"solver.base_lr", "seed", ...}``)."""
+    out = set()
+    hints = typing.get_type_hints(schema)
+    for f in fields(schema):
+        kind = hints[f.name]
+        if is_dataclass(kind):
+            out.update(f"{f.name}.{k}" for k in leaf_keys(kind))
+        else:
+            out.add(f.name)
+    return frozenset(out)
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -13,9 +13,9 @@ SMOKE = REPO / "configs" / "pretrain" / "smoke.yaml"
 def tiny_config(data_root: Path, out: Path, *extra: str) -> PretrainConfig:
     """The smoke recipe shrunk further through overrides only: resnet18 at 32 px, batch 16, K=32, v2 MLP head."""
     return load_pretrain_config(SMOKE, [
-        f"data.root={data_root}", f"run.output_dir={out}", "data.image_size=32", "data.batch_size=16",
-        "data.workers=0", "model.queue_size=32", "model.mlp=true", "model.mlp_hidden=64", "model.shuffle_bn_splits=2",
-        "optim.epochs=2", "run.log_every=1", "run.tensorboard=false", "monitor.knn_every=0", *extra,
+        f"data.root={data_root}", f"run.output_dir={out}", "data.image_size=32", "solver.batch_size=16",
+        "data.num_workers=0", "model.queue_size=32", "model.mlp=true", "model.mlp_hidden=64", "model.shuffle_bn_splits=2",
+        "solver.epochs=2", "log_period=1", "run.tensorboard=false", "knn.period_epochs=0", *extra,
     ])
 
 

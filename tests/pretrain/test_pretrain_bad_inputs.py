@@ -41,7 +41,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_folders):
     im_q, im_k, skipped = ds[(0, 0)]
     assert int(skipped) == 2 and im_q.shape == (3, 32, 32)  # the next readable image stands in
     assert int(ds[(1, 0)][2]) == 0  # known bad files are not counted twice
-    summary = main(tiny_config(root, tmp_path / "out", "optim.epochs=1", "model.arch=resnet18"))
+    summary = main(tiny_config(root, tmp_path / "out", "solver.epochs=1", "model.arch=resnet18"))
     assert summary["stats"]["skipped_images"] == 2  # each file once, logged as a warning by the loop
 
 
@@ -50,7 +50,7 @@ def test_config_errors(tmp_path):
         load_pretrain_config(SMOKE, ["model.queue_sizee=3"])
     with pytest.raises(ConfigError, match="data.aug='v3'"):
         load_pretrain_config(SMOKE, ["data.aug=v3"])
-    cfg = load_pretrain_config(SMOKE, ["model.queue_size=100", "data.batch_size=32"])
+    cfg = load_pretrain_config(SMOKE, ["model.queue_size=100", "solver.batch_size=32"])
     with pytest.raises(ConfigError, match="queue_size=100 must be a multiple of the global batch"):
         check_run(cfg, world_size=1)
     assert load_cli()(["--config", str(SMOKE), "optim.lrr=1"]) == 2  # one line on stderr, exit code 2

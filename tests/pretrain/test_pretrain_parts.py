@@ -27,14 +27,14 @@ def test_recipes_resolve():
     v1 = load_pretrain_config(REPO / "configs/pretrain/moco_v1.yaml")
     v2 = load_pretrain_config(REPO / "configs/pretrain/moco_v2.yaml")
     ig = load_pretrain_config(REPO / "configs/pretrain/moco_ig1b.yaml")
-    assert (v1.model.mlp, v1.model.temperature, v1.optim.schedule, v1.data.aug) == (False, 0.07, "step", "v1")
-    assert (v2.model.mlp, v2.model.temperature, v2.optim.schedule, v2.data.aug) == (True, 0.2, "cosine", "v2")
-    assert (v2.model.queue_size, v2.model.momentum, v2.optim.base_lr, v2.optim.epochs) == (65536, 0.999, 0.03, 200)
-    assert (ig.data.batch_size, ig.optim.base_lr, ig.optim.iterations, ig.optim.exp_every) == (1024, 0.12, 1_250_000,
+    assert (v1.model.mlp, v1.model.temperature, v1.solver.schedule, v1.data.aug) == (False, 0.07, "step", "v1")
+    assert (v2.model.mlp, v2.model.temperature, v2.solver.schedule, v2.data.aug) == (True, 0.2, "cosine", "v2")
+    assert (v2.model.queue_size, v2.model.momentum, v2.solver.base_lr, v2.solver.epochs) == (65536, 0.999, 0.03, 200)
+    assert (ig.solver.batch_size, ig.solver.base_lr, ig.solver.iterations, ig.solver.step_period) == (1024, 0.12, 1_250_000,
                                                                                                62_500)
     assert effective_lr(ig) == 0.12  # stated, not rescaled
     scaled = load_pretrain_config(REPO / "configs/pretrain/moco_v1.yaml",
-                                  ["data.batch_size=512", "optim.lr_scale_with_batch=true"])
+                                  ["solver.batch_size=512", "solver.lr_scale_with_batch=true"])
     assert effective_lr(scaled) == pytest.approx(0.06)
     assert bn_splits(v1, 1) == 8 and bn_splits(v1, 8) == 1 and bn_splits(v1, 64) == 1 and bn_splits(v1, 2) == 4
 

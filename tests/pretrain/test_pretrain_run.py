@@ -43,11 +43,11 @@ def test_checkpoint_has_official_layout_and_resumes_exactly(tmp_path, tiny_folde
 
     monkeypatch.setattr(ckpt_io, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        main(tiny_config(tiny_folders, tmp_path / "killed", "run.save_every_iters=3"))
+        main(tiny_config(tiny_folders, tmp_path / "killed", "solver.checkpoint_period=3"))
     monkeypatch.setattr(ckpt_io, "save_checkpoint", real_save)
     assert safe_torch_load(tmp_path / "killed" / ckpt_io.LAST)["sampler"] == {"epoch": 1, "start_iter": 2}
     # ... and resumed: the same weights, queue and optimizer state as the uninterrupted run
-    main(tiny_config(tiny_folders, tmp_path / "killed", "run.save_every_iters=3", "run.resume=auto"))
+    main(tiny_config(tiny_folders, tmp_path / "killed", "solver.checkpoint_period=3", "run.resume=auto"))
     resumed = safe_torch_load(tmp_path / "killed" / ckpt_io.LAST)
     assert resumed["global_step"] == 8
     for k, v in full["state_dict"].items():
@@ -71,14 +71,14 @@ def test_shards_run_iteration_based(tmp_path, tiny_shards):
     _bad_shard(tmp_path / "bad.tar", good)
     pattern = f"{shard_pattern(tiny_shards)},{tmp_path / 'bad.tar'}"
     cfg = tiny_config(tmp_path, tmp_path / "out", "data.kind=shards", f"data.pattern={pattern}",
-                      "data.shuffle_buffer=8", "optim.iterations=3", "optim.schedule=exp_step",
-                      "optim.exp_every=2", "optim.exp_gamma=0.5", "run.save_every_iters=2")
+                      "data.shuffle_buffer=8", "solver.iterations=3", "solver.schedule=exp_step",
+                      "solver.step_period=2", "solver.gamma=0.5", "solver.checkpoint_period=2")
     summary = main(cfg)
     assert summary["global_step"] == 3
     assert summary["skipped_images_total"] >= 1  # the corrupt sample was skipped and counted
     ckpt = safe_torch_load(tmp_path / "out" / ckpt_io.LAST)
     assert ckpt["global_step"] == 3
-    assert summary["stats"]["lr"] == pytest.approx(cfg.optim.base_lr * 0.5)  # step 2 is past the first decay
+    assert summary["stats"]["lr"] == pytest.approx(cfg.solver.base_lr * 0.5)  # step 2 is past the first decay
     eff = json.loads((tmp_path / "out" / "effective.json").read_text())
     assert eff["iterations"] == 3 and eff["schedule"] == "exp_step" and eff["epochs"] is None
 
@@ -95,12 +95,12 @@ def test_pretrain_sh_two_cpu_processes(tmp_path, tiny_folders):
     cmd = ["bash", str(REPO / "tools" / "pretrain.sh"), "--nproc", "2", "--master-port", str(_free_port()),
            "--config", str(REPO / "configs" / "pretrain" / "smoke.yaml"),
            f"data.root={tiny_folders}", f"run.output_dir={out}", "run.device=cpu", "data.image_size=32",
-           "data.batch_size=16", "data.workers=0", "model.queue_size=32", "model.mlp_hidden=64",
-           "model.shuffle_bn_splits=1", "optim.epochs=1", "monitor.knn_every=0", "run.tensorboard=false"]
+           "solver.batch_size=16", "data.num_workers=0", "model.queue_size=32", "model.mlp_hidden=64",
+           "model.shuffle_bn_splits=1", "solver.epochs=1", "knn.period_epochs=0", "run.tensorboard=false"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     eff = json.loads((out / "effective.json").read_text())
-    assert (eff["world_size"], eff["per_process_batch"], eff["iters_per_epoch"]) == (2, 8, 4)
+    assert (eff["world_size"], eff["batch_per_process"], eff["iters_per_epoch"]) == (2, 8, 4)
     ckpt = safe_torch_load(out / ckpt_io.LAST)
     assert ckpt["global_step"] == 4 and int(ckpt["state_dict"]["module.queue_ptr"]) == 0  # 4 x 16 keys wrapped K=32
 
@@ -110,7 +110,7 @@ def test_pretrain_sh_names_the_failing_ranks_error(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     cmd = ["bash", str(REPO / "tools" / "pretrain.sh"), "--nproc", "2", "--master-port", str(_free_port()),
            "--config", str(REPO / "configs" / "pretrain" / "smoke.yaml"), f"data.root={tmp_path / 'nowhere'}",
-           f"run.output_dir={tmp_path / 'out'}", "run.device=cpu", "monitor.knn_every=0"]
+           f"run.output_dir={tmp_path / 'out'}", "run.device=cpu", "knn.period_epochs=0"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]

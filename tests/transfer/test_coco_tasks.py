@@ -69,7 +69,7 @@ def test_engine_reports_every_coco_metric(tmp_path):
             "smoke", "--output", str(tmp_path), "--engine", "torchvision", "--no-report", *TINY]
     assert main(args) == 0
     for task, names in (("coco_fpn_1x", BOX + MASK), ("coco_keypoints", BOX + KEYPOINT)):
-        rec = json.loads((tmp_path / "random-resnet18" / task / "trial0" / "metrics.json").read_text())
+        rec = json.loads((tmp_path / "random-resnet18" / task / "torchvision" / "trial0" / "metrics.json").read_text())
         assert rec["status"] == "ok", rec.get("error")
         assert set(names) | {"final_loss"} == set(rec["metrics"]), task
         assert rec["effective"]["iterations"] == 2 and rec["effective"]["batch_size"] == 2

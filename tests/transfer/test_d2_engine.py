@@ -195,7 +195,7 @@ def test_voc_smoke_runs_end_to_end_and_resumes(tmp_path):
     assert "Res5ROIHeadsExtraNorm" in (trial / "d2_config.yaml").read_text()
     eff = json.loads((trial / "d2_effective.json").read_text())
     # what Detectron2 ran is what the suite recorded: the preset's batch, the overridden 2 iterations, no rescaling
-    assert (eff["ims_per_batch"], eff["max_iter"], eff["reference_world_size"]) == \
+    assert (eff["batch_size"], eff["iterations"], eff["reference_world_size"]) == \
         (rec["effective"]["batch_size"], 2, 0)
     # killed after training, before metrics.json: the rerun resumes instead of training again
     (trial / "metrics.json").unlink()

@@ -126,7 +126,7 @@ def test_named_densepose_fails_with_the_install_hint_where_it_cannot_run(engine,
     spec = get_task("coco_densepose")
     monkeypatch.setattr(spec, "engines", {})  # as without the DensePose project (or without detectron2)
     assert _run_all(tmp_path, "coco_densepose", "--engine", engine) == 1
-    rec = json.loads((tmp_path / "random-resnet18" / "coco_densepose" / "trial0" / "metrics.json").read_text())
+    rec = json.loads((tmp_path / "random-resnet18" / "coco_densepose" / (engine if engine != "auto" else "torchvision") / "trial0" / "metrics.json").read_text())
     assert rec["status"] == "failed" and "runs on the detectron2 engine only" in rec["error"]
     assert "pip install --no-deps -e <detectron2>/projects/DensePose" in rec["error"] and "PYTHONPATH" in rec["error"]
 

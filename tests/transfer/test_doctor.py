@@ -132,11 +132,11 @@ def test_run_all_fails_a_broken_task_with_the_doctors_message(root, tmp_path):
                  "smoke", "--data-root", str(root), "--output", str(out), "--no-report",
                  "imagenet_knn.data.image_size=16", "imagenet_knn.data.resize_size=16"])
     assert code == 1
-    bad = json.loads((out / "random-resnet18" / "voc07_det" / "trial0" / "metrics.json").read_text())
+    bad = json.loads((out / "random-resnet18" / "voc07_det" / "torchvision" / "trial0" / "metrics.json").read_text())
     assert bad["status"] == "failed" and bad["error"].startswith("DatasetCheckError: dataset check for voc07_det")
     assert "none of the 3 images" in bad["error"] and "expected the standard layout" in bad["error"]
     assert bad["wall_time_s"] < 5
-    ok = json.loads((out / "random-resnet18" / "imagenet_knn" / "trial0" / "metrics.json").read_text())
+    ok = json.loads((out / "random-resnet18" / "imagenet_knn" / "torchvision" / "trial0" / "metrics.json").read_text())
     assert ok["status"] == "ok", ok["error"]
 
 
@@ -155,12 +155,12 @@ def test_unreadable_images_are_skipped_counted_and_limited(root, tmp_path):
             "--data-root", str(root), "--no-report"]
     conf = ["data.image_size=16", "data.resize_size=16", "data.max_unreadable_fraction=0.25"]
     assert main(args + ["--output", str(tmp_path / "a"), *conf]) == 0
-    rec = json.loads((tmp_path / "a" / "random-resnet18" / "imagenet_knn" / "trial0" / "metrics.json").read_text())
+    rec = json.loads((tmp_path / "a" / "random-resnet18" / "imagenet_knn" / "torchvision" / "trial0" / "metrics.json").read_text())
     assert rec["status"] == "ok" and rec["unreadable_images"] == 1 and rec["unreadable_examples"] == [str(train[0])]
 
     _corrupt(train[1:2])  # 2 of 4 > 25 %
     assert main(args + ["--output", str(tmp_path / "b"), *conf]) == 1
-    rec = json.loads((tmp_path / "b" / "random-resnet18" / "imagenet_knn" / "trial0" / "metrics.json").read_text())
+    rec = json.loads((tmp_path / "b" / "random-resnet18" / "imagenet_knn" / "torchvision" / "trial0" / "metrics.json").read_text())
     assert rec["status"] == "failed" and "TooManyUnreadableImages: 2 of 4 images are unreadable" in rec["error"]
 
 

@@ -40,8 +40,8 @@ def test_registered_with_full_and_smoke_configs(name):
 
 def test_linear_config_is_the_paper_protocol():
     spec = get_task("imagenet_linear")
-    o = load_config(spec.schema, spec.config_path).optim
-    assert (o.batch_size, o.base_lr, o.momentum, o.weight_decay, o.epochs, list(o.lr_steps), o.lr_gamma) == (
+    o = load_config(spec.schema, spec.config_path).solver
+    assert (o.batch_size, o.base_lr, o.momentum, o.weight_decay, o.epochs, list(o.steps), o.gamma) == (
         256, 30.0, 0.9, 0.0, 100, [60, 80], 0.1)
     # never rescaled by the GPU count: 8 GPUs run 32 images each, lr stays 30
     assert spec.effective(load_config(spec.schema, spec.config_path), 8)["batch_per_process"] == 32
@@ -110,11 +110,11 @@ def test_knn_and_fast_probe_share_one_extraction(data_root, tmp_path, monkeypatc
 def test_linear_engine_runs_resumes_and_keeps_backbone(data_root, tmp_path):
     run = get_task("imagenet_linear").engines["torchvision"]
     ctx = _ctx("imagenet_linear", data_root, tmp_path)
-    m = run(_cfg("imagenet_linear", "optim.epochs=1", "optim.batch_size=8"), _weights(), ctx)
+    m = run(_cfg("imagenet_linear", "solver.epochs=1", "solver.batch_size=8"), _weights(), ctx)
     assert set(m) == {"top1", "top5"} and (ctx.output_dir / "linear_checkpoint.pth").is_file()
     assert (ctx.output_dir / "history.json").is_file()
     # same run again: resumes after the last epoch and gives the same numbers
-    assert run(_cfg("imagenet_linear", "optim.epochs=1", "optim.batch_size=8"), _weights(), ctx) == m
+    assert run(_cfg("imagenet_linear", "solver.epochs=1", "solver.batch_size=8"), _weights(), ctx) == m
 
 
 def test_input_format_and_layout_checks():
@@ -139,7 +139,7 @@ def make_rgb_image():
 # ResNet-18's (the first ~50 make them worse). About 3-4 minutes on 2 CPU cores.
 # Measured, seeds 0/1/2 (MoCo vs random top-1): kNN 44.0/29.0, 42.0/33.5, 53.5/33.5; linear protocol
 # 37.0/23.0, 45.5/24.5, 54.0/29.0. At 60 epochs the kNN margin of seed 1 was only 3.5 points.
-SIGNAL_PRETRAIN = ["data.workers=0", "run.tensorboard=false", "run.save_every_epochs=1000", "monitor.knn_every=0"]
+SIGNAL_PRETRAIN = ["data.num_workers=0", "run.tensorboard=false", "run.keep_period_epochs=1000", "knn.period_epochs=0"]
 SIGNAL_TASKS = ("imagenet_knn", "imagenet_linear")  # their smoke presets, as tools/smoke.sh runs them
 
 
@@ -151,7 +151,7 @@ def learning_signal(tmp: Path, seed: int) -> dict:
 
     root = make_imagenet_folders(tmp / "data" / "imagenet", seed=seed)  # the smoke preset's data
     cfg = load_pretrain_config(Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "smoke.yaml",
-                               [f"data.root={root}", f"run.output_dir={tmp / 'pretrain'}", f"run.seed={seed}",
+                               [f"data.root={root}", f"run.output_dir={tmp / 'pretrain'}", f"seed={seed}",
                                 *SIGNAL_PRETRAIN])
     ckpt = pretrain_main(cfg)["checkpoint"]
     out = {}

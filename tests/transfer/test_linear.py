@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models import resnet18
 
 from pretrain.schedule import step_lr
-from transfer.tasks.imagenet import LinearOptimConfig
+from transfer.tasks.imagenet import LinearSolverConfig
 from transfer.engines.torchvision.classification.linear import (
     BackboneChangedError,
     attach_linear_head,
@@ -55,7 +55,7 @@ def test_attach_linear_head():
 def test_backbone_bit_identical_and_lr_followed(tmp_path):
     model, train, val = _model_and_loaders()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    optim = LinearOptimConfig(batch_size=4, base_lr=0.3, epochs=3, lr_steps=[1, 2], eval_every=1)
+    optim = LinearSolverConfig(batch_size=4, base_lr=0.3, epochs=3, steps=[1, 2], eval_period_epochs=1)
     metrics, history = train_linear(model, train, val, optim, CPU, checkpoint=tmp_path / "ckpt.pth")
     after = model.state_dict()
     for k, v in before.items():
@@ -77,24 +77,24 @@ def test_changed_bn_buffer_fails_the_run():
 
     model.layer2.register_forward_hook(sneaky)
     with pytest.raises(BackboneChangedError, match="BN buffer changed"):
-        train_linear(model, train, val, LinearOptimConfig(batch_size=4, base_lr=0.1, epochs=1), CPU)
+        train_linear(model, train, val, LinearSolverConfig(batch_size=4, base_lr=0.1, epochs=1), CPU)
 
 
 def test_resume_continues_the_schedule(tmp_path):
     ckpt = tmp_path / "ckpt.pth"
     model, train, val = _model_and_loaders()
-    train_linear(model, train, val, LinearOptimConfig(base_lr=0.3, epochs=2, lr_steps=[2]), CPU, ckpt)
+    train_linear(model, train, val, LinearSolverConfig(base_lr=0.3, epochs=2, steps=[2]), CPU, ckpt)
     fc_after_2 = model.fc.weight.clone()
 
     model2, _, _ = _model_and_loaders()  # same backbone, fresh head: the checkpoint restores the head
-    _, history = train_linear(model2, train, val, LinearOptimConfig(base_lr=0.3, epochs=3, lr_steps=[2]), CPU, ckpt)
+    _, history = train_linear(model2, train, val, LinearSolverConfig(base_lr=0.3, epochs=3, steps=[2]), CPU, ckpt)
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert history[2]["lr"] == pytest.approx(0.03)
     assert not torch.equal(model2.fc.weight, fc_after_2)  # one more epoch trained from the restored head
 
     other, _, _ = _model_and_loaders(seed=1)  # another backbone must not pick up this checkpoint
     with pytest.raises(BackboneChangedError, match="different backbone"):
-        train_linear(other, train, val, LinearOptimConfig(epochs=4), CPU, ckpt)
+        train_linear(other, train, val, LinearSolverConfig(epochs=4), CPU, ckpt)
 
 
 def test_backbone_digest_ignores_head_only():
@@ -175,7 +175,7 @@ def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loader = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, world, rank, seed=0))
     val = DataLoader(torch.utils.data.Subset(data, range(rank, 23, world)), batch_size=4)
-    metrics, history = train_linear(model, loader, val, LinearOptimConfig(base_lr=0.5, epochs=2), CPU,
+    metrics, history = train_linear(model, loader, val, LinearSolverConfig(base_lr=0.5, epochs=2), CPU,
                                     Path(out_dir) / "ckpt.pth")
     same = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items() if not k.startswith("fc."))
     torch.save({"calls": calls, "feats": feats, "fc": model.fc.weight.detach(), "metrics": metrics,

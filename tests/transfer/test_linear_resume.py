@@ -52,8 +52,8 @@ sys.exit(main(sys.argv[3:]))
 def _args(data: Path, out: Path, *extra: str):
     return ["--weights", "random", "--arch", "resnet18", "--tasks", "imagenet_linear", "--preset", "smoke",
             "--data-root", str(data), "--output", str(out), "--no-report", "data.image_size=16",
-            "data.resize_size=16", "optim.batch_size=4", f"optim.epochs={EPOCHS}", "optim.lr_steps=[10]",
-            "optim.eval_every=3", "optim.checkpoint_every=1", *extra]
+            "data.resize_size=16", "solver.batch_size=4", f"solver.epochs={EPOCHS}", "solver.steps=[10]",
+            "solver.eval_period_epochs=3", "solver.checkpoint_period=1", *extra]
 
 
 def _position(ckpt: Path):
@@ -75,7 +75,7 @@ def test_killed_three_times_and_resumed_equals_uninterrupted(tmp_path):
     data = make_imagenet_folders(tmp_path / "data" / "imagenet", num_classes=2, train_per_class=8,
                                  val_per_class=8, image_size=16).parent
     assert main(_args(data, tmp_path / "ref")) == 0
-    trial = "random-resnet18/imagenet_linear/trial0"
+    trial = "random-resnet18/imagenet_linear/torchvision/trial0"
     ref = json.loads((tmp_path / "ref" / trial / "history.json").read_text())
 
     out = tmp_path / "killed"
@@ -101,10 +101,10 @@ def test_a_checkpoint_of_another_protocol_is_refused(tmp_path):
     data = make_imagenet_folders(tmp_path / "data" / "imagenet", num_classes=2, train_per_class=2,
                                  val_per_class=1, image_size=16).parent
     out = tmp_path / "out"
-    trial = out / "random-resnet18" / "imagenet_linear" / "trial0"
-    quick = ["optim.epochs=2", "optim.lr_steps=[1]"]
+    trial = out / "random-resnet18" / "imagenet_linear" / "torchvision" / "trial0"
+    quick = ["solver.epochs=2", "solver.steps=[1]"]
     assert main(_args(data, out, *quick)) == 0
     (trial / "metrics.json").unlink()  # as if killed before the end: the checkpoint stays
-    assert main(_args(data, out, *quick, "optim.base_lr=0.5")) == 1
+    assert main(_args(data, out, *quick, "solver.base_lr=0.5")) == 1
     err = json.loads((trial / "metrics.json").read_text())["error"]
     assert err.startswith("ProtocolChangedError") and "differs in: config" in err and "choose another --output" in err

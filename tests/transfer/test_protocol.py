@@ -20,7 +20,7 @@ DETECTION_TINY = ["solver.iterations=2", "solver.batch_size=2", "precise_bn.num_
                   "model.roi_batch_size_per_image=8"]
 TINY = {
     "detection": DETECTION_TINY,
-    "imagenet_linear": ["optim.epochs=1", "optim.lr_steps=[]"],
+    "imagenet_linear": ["solver.epochs=1", "solver.steps=[]"],
     "imagenet_linear_fast": ["probe.max_iter=3"],
     # COCO: the detection shrink, fewer detections per test image and narrow heads (mask / keypoint / box FC)
     "instance_segmentation": [*DETECTION_TINY, "model.test_detections_per_img=5", "mask.conv_dim=16"],
@@ -48,17 +48,22 @@ def test_protocol_hash_ignores_run_settings_only():
     assert protocol_hash(_cfg("voc07_det", "input.min_size_test=600")) != base
     assert protocol_hash(_cfg("voc07_det", "precision.amp_bf16=true")) != base  # bf16 changes the numbers
     knn = protocol_hash(_cfg("imagenet_knn"))
-    assert protocol_hash(_cfg("imagenet_knn", "features.batch_size=7", "knn.chunk_size=3", "data.workers=1")) == knn
+    assert protocol_hash(_cfg("imagenet_knn", "features.batch_per_process=7", "knn.chunk_size=3", "data.num_workers=1")) == knn
     assert protocol_hash(_cfg("imagenet_knn", "knn.k=20")) != knn
 
 
 def test_overrides_are_routed_per_task():
     routed = route_overrides(["voc07_det", "imagenet_knn"],
-                             ["solver.iterations=5", "knn.k=10", "voc07_det.log_period=1", "imagenet_knn.data.workers=0",
-                              "seed=3"])
-    # seed is a key of the VOC schema only
-    assert routed["voc07_det"] == ["solver.iterations=5", "log_period=1", "seed=3"]
-    assert routed["imagenet_knn"] == ["knn.k=10", "data.workers=0"]
+                             ["solver.iterations=5", "knn.k=10", "voc07_det.log_period=1", "imagenet_knn.data.num_workers=0",
+                              "seed=3", "data.num_workers=2"])
+    # a shared concept reaches every selected task that has it: seed, loader workers
+    assert routed["voc07_det"] == ["solver.iterations=5", "log_period=1", "seed=3", "data.num_workers=2"]
+    assert routed["imagenet_knn"] == ["knn.k=10", "data.num_workers=0", "seed=3", "data.num_workers=2"]
+    # a name from before the rename still works, under today's name (VOC: one split; COCO: a list of them)
+    old = route_overrides(["voc07_det", "coco_c4_1x"], ["data.workers=0", "coco_c4_1x.data.train_split=val",
+                                                          "voc07_det.data.train_sets=[2007_test]"])
+    assert old == {"voc07_det": ["data.num_workers=0", "data.train_splits=[2007_test]"],
+                   "coco_c4_1x": ["data.num_workers=0", "data.train_splits=[val]"]}
     with pytest.raises(ConfigError, match=r"no selected task has the config key 'solver\.lr'.*voc07_det, imagenet_knn"):
         route_overrides(["voc07_det", "imagenet_knn"], ["solver.lr=1"])
     with pytest.raises(ConfigError, match="task 'voc0712_det', which is not selected"):
@@ -95,11 +100,11 @@ def test_every_task_runs_its_smoke_preset_on_its_synthetic_data(task, tmp_path):
     args = ["--weights", "random", "--arch", "resnet18", "--tasks", task, "--preset", "smoke", "--output",
             str(tmp_path), "--engine", "torchvision", "--no-report", *_tiny(task)]
     assert main(args) == 0
-    trial = tmp_path / "random-resnet18" / task / "trial0"
+    trial = tmp_path / "random-resnet18" / task / "torchvision" / "trial0"
     rec = json.loads((trial / "metrics.json").read_text())
     assert rec["status"] == "ok" and set(spec.metrics) <= set(rec["metrics"])
     assert "loss" in (trial / "log.txt").read_text() or spec.family == "classification"
     mtime = (trial / "metrics.json").stat().st_mtime
-    workers = "data.num_workers=1" if "num_workers" in (trial / "config.yaml").read_text() else "data.workers=1"
+    workers = "data.num_workers=1"
     assert main(args + [workers]) == 0  # another worker count: the same protocol, so skipped
     assert (trial / "metrics.json").stat().st_mtime == mtime

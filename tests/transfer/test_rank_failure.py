@@ -83,7 +83,7 @@ def test_a_rank_raising_in_training_or_evaluation_fails_the_trial_on_every_rank(
         assert statuses["_fail_eval"][1] == "rank 1: KeyError: 'rank 1 broke in evaluation'"
         assert statuses["_fail_train"][2] < 10 and statuses["_fail_eval"][2] < 10  # seconds, not the timeout
         assert statuses["_after"][:2] == ("ok", None)
-    rec = json.loads((tmp_path / "random-resnet18" / "_fail_eval" / "trial0" / "metrics.json").read_text())
+    rec = json.loads((tmp_path / "random-resnet18" / "_fail_eval" / "torchvision" / "trial0" / "metrics.json").read_text())
     assert rec["status"] == "failed" and rec["error"].startswith("rank 1: KeyError")
-    after = json.loads((tmp_path / "random-resnet18" / "_after" / "trial0" / "metrics.json").read_text())
+    after = json.loads((tmp_path / "random-resnet18" / "_after" / "torchvision" / "trial0" / "metrics.json").read_text())
     assert after["metrics"]["top1"] == 2.0

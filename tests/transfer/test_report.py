@@ -15,7 +15,8 @@ from PIL import Image
 
 from transfer.report import main, write_tables
 from transfer.report.load import load_results
-from transfer.report.reference import REFERENCE_CSV, load_reference, read_reference_csv
+from transfer.registry import TASKS
+from transfer.report.reference import REFERENCE_CSV, load_reference, read_reference_csv, suite_task_names
 from transfer.report.stats import summarise
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,10 +28,9 @@ MOCO = [(81.3, 55.9, 62.4), (81.5, 56.1, 62.8), (81.1, 55.7, 62.6)]
 def write_trial(root: Path, weights: str, task: str, trial: int, metrics=None, *, status="ok", cfg="c0ffee11",
                 engine="torchvision", iters=24000, family="detection", sha="ab" * 32, error=None, folder=None,
                 preset="full", arch="resnet50", files=False, git_sha="0123456789abcdef" * 2 + "01234567"):
-    """One ``OUTPUT/<weights>/<task>/trial<k>/metrics.json`` as ``transfer/run_all.py`` writes it (detectron2
-    trials: ``<task>/detectron2/trial<k>``), and with ``files`` the rest of a trial folder: config.yaml,
-    env.json, log.txt, tensorboard/."""
-    d = root / (folder or weights) / task / ("detectron2" if engine == "detectron2" else "") / f"trial{trial}"
+    """One ``OUTPUT/<weights>/<task>/<engine>/trial<k>/metrics.json`` as ``transfer/run_all.py`` writes it, and
+    with ``files`` the rest of a trial folder: config.yaml, env.json, log.txt, tensorboard/."""
+    d = root / (folder or weights) / task / engine / f"trial{trial}"
     d.mkdir(parents=True, exist_ok=True)
     if files:
         (d / "config.yaml").write_text("seed: 0\n")
@@ -154,8 +154,9 @@ def test_published_rows_load_with_source_and_render(tree: Path):
     raw = read_reference_csv()
     assert len(raw) == 416 and (raw["source"].str.len() > 0).all()
     shared = ROOT.parent / "shared" / "reference" / "moco_published.csv"
-    if shared.is_file():  # the repository copy keeps the data unchanged
-        assert raw.equals(read_reference_csv(shared))
+    if shared.is_file():  # the repository copy is the shared data with the suite's task names, nothing else
+        assert raw.equals(suite_task_names(read_reference_csv(shared)))
+    assert set(raw["task"]) >= set(t for t in TASKS if TASKS[t].published)
     ref = load_reference(["voc0712_det", "imagenet_linear"])
     sup = ref[(ref["pretrain"] == "supervised_IN1M") & (ref["task"] == "voc0712_det")]
     assert dict(zip(sup["metric"], sup["value"])) == {"AP50": 81.3, "AP": 53.5, "AP75": 58.8}
@@ -223,7 +224,7 @@ def test_failed_trial_without_protocol_joins_its_run(tmp_path: Path):
     for k in range(2):
         write_trial(tmp_path, "moco", "voc07_det", k, {"AP": 40.0 + k})
     write_trial(tmp_path, "moco", "voc07_det", 2, status="failed", error="RuntimeError: setup")
-    path = tmp_path / "moco" / "voc07_det" / "trial2" / "metrics.json"
+    path = tmp_path / "moco" / "voc07_det" / "torchvision" / "trial2" / "metrics.json"
     rec = json.loads(path.read_text())
     path.write_text(json.dumps({**rec, "protocol_hash": None, "engine": None, "effective": {}}))
     summary = summarise(load_results(tmp_path)[0])

@@ -48,7 +48,7 @@ def test_configs_and_engine_resolution():
     from pretrain.utils.config import load_config
 
     full = load_config(spec.schema, config_path(spec, "full"))
-    assert full.solver.iterations == 9000 and full.data.train_sets == ["2007_trainval"]
+    assert full.solver.iterations == 9000 and full.data.train_splits == ["2007_trainval"]
     v0712 = load_config(spec.schema, config_path(get_task("voc0712_det"), "full"))
     assert (v0712.solver.batch_size, v0712.solver.base_lr, v0712.solver.iterations) == (16, 0.02, 24000)
     assert v0712.solver.steps == [18000, 22000] and v0712.input.min_size_train == list(range(480, 801, 32))
@@ -72,12 +72,12 @@ def test_smoke_suite_end_to_end(tmp_path):
             "--data-root", str(data), "--output", str(out), "--engine", "torchvision", "--no-report", *TINY]
     assert main(args) == 1  # one task failed
 
-    bad = json.loads((out / "random-resnet18" / "voc0712_det" / "trial0" / "metrics.json").read_text())
+    bad = json.loads((out / "random-resnet18" / "voc0712_det" / "torchvision" / "trial0" / "metrics.json").read_text())
     assert bad["status"] == "failed" and bad["metrics"] == {}
     assert "VOC2012" in bad["error"] and "expected the standard layout" in bad["error"]
-    assert (out / "random-resnet18" / "voc0712_det" / "trial0" / "error.log").read_text().startswith("Traceback")
+    assert (out / "random-resnet18" / "voc0712_det" / "torchvision" / "trial0" / "error.log").read_text().startswith("Traceback")
 
-    trial = out / "random-resnet18" / "voc07_det" / "trial0"
+    trial = out / "random-resnet18" / "voc07_det" / "torchvision" / "trial0"
     rec = json.loads((trial / "metrics.json").read_text())
     assert rec["status"] == "ok" and rec["engine"] == "torchvision" and rec["preset"] == "smoke"
     assert {"AP", "AP50", "AP75"} <= set(rec["metrics"]) and all(0 <= rec["metrics"][k] <= 100 for k in ("AP", "AP50"))
@@ -101,7 +101,7 @@ def test_smoke_suite_end_to_end(tmp_path):
         d2[d2.index(str(out))] = str(tmp_path / "d2")
         d2[d2.index("voc0712_det,voc07_det")] = "voc07_det"
         assert main(d2) == 1
-        rec = json.loads((tmp_path / "d2" / "random-resnet18" / "voc07_det" / "trial0" / "metrics.json").read_text())
+        rec = json.loads((tmp_path / "d2" / "random-resnet18" / "voc07_det" / "detectron2" / "trial0" / "metrics.json").read_text())
         assert rec["status"] == "failed" and "detectron2 is not importable" in rec["error"]
 
 

@@ -76,7 +76,7 @@ def test_local_executor_job_preempted_requeued_and_resumed(tmp_path, monkeypatch
     assert main(["--weights", "random", "--arch", "resnet18", "--tasks", "imagenet_linear", "--preset", "smoke",
                  "--data-root", str(data), "--output", str(out), "--no-report", "--launcher", "slurm",
                  "--gpus-per-node", "1", "data.image_size=16", "data.resize_size=16",
-                 f"optim.epochs={epochs}", "optim.lr_steps=[1000]"]) == 0
+                 f"solver.epochs={epochs}", "solver.steps=[1000]"]) == 0
     (job,) = handles
     try:
         _preempt_and_check(job, out, epochs)
@@ -85,7 +85,7 @@ def test_local_executor_job_preempted_requeued_and_resumed(tmp_path, monkeypatch
 
 
 def _preempt_and_check(job, out, epochs):
-    trial = out / "random-resnet18" / "imagenet_linear" / "trial0"
+    trial = out / "random-resnet18" / "imagenet_linear" / "torchvision" / "trial0"
     deadline = time.time() + 150
     while not (trial / "linear_checkpoint.pth").is_file() and time.time() < deadline:
         time.sleep(0.02)

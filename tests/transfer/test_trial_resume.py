@@ -92,7 +92,7 @@ def _attempt(args, tmp: Path, kill: str = "none", at: int = 0) -> dict:
 
 
 def _trial(out: Path, task: str) -> Path:
-    return out / "random-resnet18" / task / "trial0"
+    return out / "random-resnet18" / task / "torchvision" / "trial0"
 
 
 def _record(out: Path, task: str) -> dict:

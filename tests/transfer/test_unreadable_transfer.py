@@ -146,7 +146,7 @@ def test_voc_evaluation_scores_no_stand_in_for_an_unreadable_test_image(tmp_path
                    image_size=(48, 40))
     cfg = load_config(get_task("voc07_det").schema, config_path(get_task("voc07_det"), "full"),
                       ["data.num_workers=0"])
-    records = load_voc_records(tmp_path, cfg.data.test_set)
+    records = load_voc_records(tmp_path, cfg.data.test_split)
     bad = _pick_bad([set(r["labels"].tolist()) for r in records])
     scores = _scores(len(records), bad)
     answers = {}
@@ -222,7 +222,7 @@ def _run_all(root: Path, out: Path, *extra: str) -> dict:
             "model.rpn_post_nms_topk_train=8", "model.rpn_post_nms_topk_test=4", "model.roi_batch_size_per_image=8",
             "model.test_detections_per_img=5", "mask.conv_dim=8", *extra]
     code = main(args)
-    rec = json.loads((out / "random-resnet18" / "coco_fpn_1x" / "trial0" / "metrics.json").read_text())
+    rec = json.loads((out / "random-resnet18" / "coco_fpn_1x" / "torchvision" / "trial0" / "metrics.json").read_text())
     return {"code": code, **rec}
 
 

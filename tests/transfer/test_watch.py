@@ -48,7 +48,7 @@ def test_watch_evaluates_new_checkpoints_once_and_survives_restarts(tmp_path):
     assert set(_table(out)) == {1, 2} and (out / "watch.png").stat().st_size > 0
     assert _table(out)[2]["imagenet_knn/top1"] == str(state[next(s for s in state if state[s]["epoch"] == 2)]
                                                       ["metrics"]["imagenet_knn"]["top1"])
-    ep1 = out / first[1] / "imagenet_knn" / "trial0" / "metrics.json"
+    ep1 = out / first[1] / "imagenet_knn" / "torchvision" / "trial0" / "metrics.json"
     mtime = ep1.stat().st_mtime
 
     # the pretraining restarts from scratch: epoch 2 is rewritten with other weights, then epoch 3 (the last)

@@ -15,6 +15,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from transfer.registry import TASKS
+from transfer.results import effective_in_todays_names, record_protocol_hash
+
 log = logging.getLogger(__name__)
 
 # Fields that define "the same protocol": runs that differ in any of them are never averaged together
@@ -54,8 +57,12 @@ def _git_sha(trial_dir: Path) -> str:
         return ""
 
 
-def _rows_from_record(rec: Dict[str, Any], path: Path, git_sha: str = "") -> List[Dict[str, Any]]:
-    eff = rec.get("effective") or {}
+def _rows_from_record(rec: Dict[str, Any], path: Path, git_sha: str = "", folder: Optional[Path] = None
+                      ) -> List[Dict[str, Any]]:
+    eff = effective_in_todays_names(rec.get("effective"))
+    spec = TASKS.get(str(rec.get("task")))
+    protocol = record_protocol_hash(rec, folder if folder is not None else path.parent,
+                                    spec.schema if spec is not None else None)
     info = rec.get("weights_info") or {}
     base = {
         "weights": str(rec.get("weights") or info.get("name") or "unknown"),
@@ -67,7 +74,7 @@ def _rows_from_record(rec: Dict[str, Any], path: Path, git_sha: str = "") -> Lis
         "error": rec.get("error"),
         "engine": _key_text(rec.get("engine")),
         "preset": _key_text(rec.get("preset")),
-        "protocol_hash": _key_text(rec.get("protocol_hash") or rec.get("config_hash")),  # config_hash: before v0.2
+        "protocol_hash": _key_text(protocol),
         "batch_size": _key_text(eff.get("batch_size")),
         "base_lr": _key_text(eff.get("base_lr")),
         "iterations": _key_text(eff.get("iterations")),
@@ -115,7 +122,7 @@ def load_results(results_dir: Path, tasks: Optional[Sequence[str]] = None) -> Tu
                 raise ValueError("no 'task' field")
             if tasks and rec["task"] not in tasks:
                 continue
-            rows.extend(_rows_from_record(rec, path.relative_to(results_dir), _git_sha(path.parent)))
+            rows.extend(_rows_from_record(rec, path.relative_to(results_dir), _git_sha(path.parent), path.parent))
         except (OSError, ValueError, TypeError, KeyError) as e:
             msg = f"unreadable {path.relative_to(results_dir)}: {type(e).__name__}: {e}"
             log.warning(msg)

@@ -207,7 +207,7 @@ def _published_key(task: str) -> Optional[tuple]:
     spec = TASKS.get(task)
     if spec is None or not spec.published:
         return None
-    return tuple((m.ref_task, m.backbone, m.tables, tuple(sorted(m.metrics.items()))) for m in spec.published)
+    return tuple((m.task or spec.name, m.backbone, m.tables, tuple(sorted(m.metrics.items()))) for m in spec.published)
 
 
 def _block_protocol(summary: Summary, task: str, groups: pd.DataFrame) -> str:

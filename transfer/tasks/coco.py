@@ -24,7 +24,8 @@ COCO_TRAIN_SIZES = list(range(640, 801, 32))  # Base-RCNN-{C4,FPN}: MIN_SIZE_TRA
 
 @dataclass(frozen=True)
 class COCODataConfig:
-    train_split: str = "train"  # coco/annotations/<kind>_train2017.json and coco/train2017/
+    # coco/annotations/<kind>_<split>2017.json and coco/<split>2017/; several training splits are concatenated
+    train_splits: List[str] = field(default_factory=lambda: ["train"])
     test_split: str = "val"
     num_workers: int = run_setting(4)
     # unreadable images are skipped and counted (metrics.json); above this fraction of a dataset the trial fails
@@ -104,7 +105,7 @@ def _check_coco(data_root: Path, cfg, quick: bool, keypoints: bool):
     from transfer.data.coco import COCO_EXPECTED_LAYOUT, COCODataError, coco_paths, validate_coco
 
     report = d.DataReport("coco", COCO_EXPECTED_LAYOUT)
-    for split in (cfg.data.train_split, cfg.data.test_split):
+    for split in (*cfg.data.train_splits, cfg.data.test_split):
         json_file, image_root = coco_paths(data_root, split, keypoints=keypoints)
         what = f"COCO {json_file.stem}"
         get = (f"download annotations_trainval2017.zip and {split}2017.zip (cocodataset.org) and extract them in "
@@ -150,7 +151,7 @@ for _name, _schema, _file, _table, _backbone, _desc in (
         datasets=_INSTANCES, description=_desc, effective=effective, make_synthetic=make_synthetic,
         check_data=check_instances,
         # MoCo v1 Table 5 (a/b: R50-FPN 1x/2x, c/d: R50-C4 1x/2x)
-        published=(PublishedRows("coco_det_instseg", _backbone, (_table,), {m: m for m in _BOX_MASK}),),
+        published=(PublishedRows(_backbone, (_table,), {m: m for m in _BOX_MASK}),),
         protocol_trials=1))
 
 register_task(TaskSpec(
@@ -158,5 +159,5 @@ register_task(TaskSpec(
     metrics=_KEYPOINT, datasets=_KEYPOINTS, effective=effective, make_synthetic=make_synthetic,
     check_data=check_keypoints,
     description="Keypoint R-CNN R50-FPN on COCO person keypoints train2017 -> val2017, 2x (180k iters)",
-    published=(PublishedRows("coco_keypoint", "KeypointRCNN_R50-FPN", ("Table6",), {m: m for m in _KEYPOINT}),),
+    published=(PublishedRows("KeypointRCNN_R50-FPN", ("Table6",), {m: m for m in _KEYPOINT}),),
     protocol_trials=1))

@@ -32,8 +32,8 @@ INSTALL_HINT = ("coco_densepose needs Detectron2's DensePose project: with detec
 @dataclass(frozen=True)
 class DensePoseDataConfig:
     # coco/annotations/densepose_<set>.json (transfer.data.densepose); Detectron2's densepose_coco_2014_* sets
-    train_sets: List[str] = field(default_factory=lambda: ["train2014", "valminusminival2014"])
-    test_set: str = "minival2014"
+    train_splits: List[str] = field(default_factory=lambda: ["train2014", "valminusminival2014"])
+    test_split: str = "minival2014"
     num_workers: int = run_setting(4)
 
 
@@ -89,7 +89,7 @@ def check_data(data_root: Path, cfg, quick: bool):
         validate_densepose
 
     report = d.DataReport("coco_densepose", DENSEPOSE_EXPECTED_LAYOUT)
-    for split in (*cfg.data.train_sets, cfg.data.test_set):
+    for split in (*cfg.data.train_splits, cfg.data.test_split):
         json_file, image_root = densepose_paths(data_root, split)
         what = f"DensePose {split}"
         get = (f"download densepose_{split}.json (dl.fbaipublicfiles.com/densepose/annotations/coco/, see Detectron2's "
@@ -117,5 +117,5 @@ register_task(TaskSpec(
               "coco/val2014"),
     description="DensePose R-CNN R50-FPN s1x (legacy) on DensePose COCO 2014 train+valminusminival -> minival "
                 "(130k iters), GPS AP; Detectron2 engine only",
-    published=(PublishedRows("coco_densepose", "DensePoseRCNN_R50-FPN", ("Table6",), {m: m for m in _DENSEPOSE}),),
+    published=(PublishedRows("DensePoseRCNN_R50-FPN", ("Table6",), {m: m for m in _DENSEPOSE}),),
     protocol_trials=1, supported_engines=("detectron2",), install_hint=INSTALL_HINT))

@@ -23,33 +23,35 @@ class ImageNetDataConfig:
     root: str = run_setting("imagenet")  # below the runner's data root; holds train/ and val/ class folders
     image_size: int = 224  # RandomResizedCrop / CenterCrop size
     resize_size: int = 256  # eval: Resize(256) then CenterCrop(224)
-    workers: int = run_setting(8)  # dataloader workers per process
+    num_workers: int = run_setting(8)  # dataloader workers per process
     # unreadable images are skipped and counted (metrics.json); above this fraction of a dataset the trial fails
     max_unreadable_fraction: float = run_setting(0.001)
 
 
 @dataclass(frozen=True)
-class LinearOptimConfig:
+class LinearSolverConfig:
     batch_size: int = 256  # global, split over the processes (main_lincls.py divides by the GPU count)
     base_lr: float = 30.0  # not rescaled with the batch size (protocols.md, Known traps)
     momentum: float = 0.9
     weight_decay: float = 0.0
     epochs: int = 100
-    lr_steps: List[int] = field(default_factory=lambda: [60, 80])  # epochs at which lr *= lr_gamma
-    lr_gamma: float = 0.1
-    eval_every: int = run_setting(10)  # epochs between (logged) val evaluations; the last epoch is always evaluated
-    checkpoint_every: int = run_setting(1000)  # iterations between mid-epoch checkpoints (0: end of epochs only)
+    steps: List[int] = field(default_factory=lambda: [60, 80])  # epochs at which lr *= gamma
+    gamma: float = 0.1
+    # epochs between (logged) val evaluations; the last epoch is always evaluated
+    eval_period_epochs: int = run_setting(10)
+    checkpoint_period: int = run_setting(1000)  # iterations between mid-epoch checkpoints (0: end of epochs only)
 
 
 @dataclass(frozen=True)
 class LinearTaskConfig:
     data: ImageNetDataConfig = field(default_factory=ImageNetDataConfig)
-    optim: LinearOptimConfig = field(default_factory=LinearOptimConfig)
+    solver: LinearSolverConfig = field(default_factory=LinearSolverConfig)
+    seed: int = 0
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    batch_size: int = run_setting(256)  # extraction batch per process
+    batch_per_process: int = run_setting(256)  # extraction batch per process
     shard_size: int = run_setting(50000)  # rows per cache shard (and per extraction work unit)
     dtype: str = "float16"  # storage dtype of the cache ("float16" halves the disk; "float32")
     augmented_views: int = 0  # extra RandomResizedCrop + flip views per train image (fast probe)
@@ -69,6 +71,7 @@ class FastLinearTaskConfig:
     data: ImageNetDataConfig = field(default_factory=ImageNetDataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,11 +88,12 @@ class KnnTaskConfig:
     data: ImageNetDataConfig = field(default_factory=ImageNetDataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
+    seed: int = 0
 
 
 def _linear_effective(cfg: LinearTaskConfig, world_size: int) -> Dict[str, Any]:
-    return {"batch_size": cfg.optim.batch_size, "batch_per_process": cfg.optim.batch_size // world_size,
-            "base_lr": cfg.optim.base_lr, "epochs": cfg.optim.epochs, "lr_steps": list(cfg.optim.lr_steps),
+    return {"batch_size": cfg.solver.batch_size, "batch_per_process": cfg.solver.batch_size // world_size,
+            "base_lr": cfg.solver.base_lr, "epochs": cfg.solver.epochs, "steps": list(cfg.solver.steps),
             "world_size": world_size}
 
 
@@ -127,7 +131,7 @@ def _check_data(data_root: Path, cfg: Any, quick: bool):
 
 # README linear (5 trials) gives top1_mean / top1_std: shown as one "mean ± std" cell
 _TOP1 = {"top1": "top1", "top1_mean": "top1", "top1_std": "top1:std"}
-_LINEAR = PublishedRows("imagenet_linear_top1", "R50",
+_LINEAR = PublishedRows("R50",
                         ("Table1", "Table1 (d) MLP+aug+cos", "Table1 (e) MLP+aug+cos", "Table1 supervised",
                          "README linear (5 trials)", "mocov2 README"), _TOP1)
 

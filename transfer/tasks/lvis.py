@@ -25,7 +25,8 @@ from transfer.tasks.voc_det import effective as _detection_effective
 
 @dataclass(frozen=True)
 class LVISDataConfig:
-    train_split: str = "train"  # lvis/lvis_v0.5_<split>.json, images under coco/ by coco_url
+    # lvis/lvis_v0.5_<split>.json, images under coco/ by coco_url; several training splits are concatenated
+    train_splits: List[str] = field(default_factory=lambda: ["train"])
     test_split: str = "val"
     # DATALOADER.REPEAT_THRESHOLD: r(c) = max(1, sqrt(t / f(c))) (LVIS paper App. B.2); 0 = uniform sampling
     repeat_threshold: float = 0.001
@@ -77,7 +78,7 @@ def check_data(data_root: Path, cfg: LVISConfig, quick: bool):
     from transfer.data.lvis import LVIS_EXPECTED_LAYOUT, LVISDataError, image_file, lvis_paths, validate_lvis
 
     report = d.DataReport("lvis", LVIS_EXPECTED_LAYOUT)
-    for split in (cfg.data.train_split, cfg.data.test_split):
+    for split in (*cfg.data.train_splits, cfg.data.test_split):
         json_file, coco_root = lvis_paths(data_root, split)
         what = f"LVIS v0.5 {split}"
         get = (f"download lvis_v0.5_{split}.json (www.lvisdataset.org/dataset) into {json_file.parent} and COCO's "
@@ -102,12 +103,12 @@ _FROZEN_NOTE = ("supervised_IN1M_frozenBN is MoCo's dagger row: backbone BN froz
                 "model.backbone_norm=FrozenBN); the other rows, and this suite's default, train BN (SyncBN)")
 _PUBLISHED = {
     # MoCo v1 Table 6 gives the 2x numbers (= App. A.4's 2x column)
-    "lvis_v0.5_2x": PublishedRows("lvis_v0.5_instseg", "MaskRCNN_R50-FPN", ("Table6",), {m: m for m in _MASK},
+    "lvis_v0.5_2x": PublishedRows("MaskRCNN_R50-FPN", ("Table6",), {m: m for m in _MASK},
                                   note=_FROZEN_NOTE),
     # App. A.4 lists 1x and 2x side by side (the rows carry their schedule); the 1x ones are this task's
-    "lvis_v0.5_1x": PublishedRows("lvis_v0.5_instseg", "MaskRCNN_R50-FPN", ("App.A.4 LVIS ablation",),
+    "lvis_v0.5_1x": PublishedRows("MaskRCNN_R50-FPN", ("App.A.4 LVIS ablation",),
                                   {m: m for m in _MASK},
-                                  note=_FROZEN_NOTE + "; App. A.4 rows are shown for both schedules, this task is 1x"),
+                                  note=_FROZEN_NOTE),
 }
 
 for _name, _iters, _steps in (("lvis_v0.5_1x", 90000, [60000, 80000]), ("lvis_v0.5_2x", 180000, [120000, 160000])):

@@ -20,7 +20,8 @@ from transfer.tasks.detection import PrecisionConfig
 
 @dataclass(frozen=True)
 class SemSegDataConfig:
-    train_split: str = "train_aug"  # VOC: ImageSets/Segmentation/<split>.txt; Cityscapes: leftImg8bit/<split>
+    # VOC: ImageSets/Segmentation/<split>.txt; Cityscapes: leftImg8bit/<split>; several are concatenated
+    train_splits: List[str] = field(default_factory=lambda: ["train_aug"])
     test_split: str = "val"
     num_workers: int = run_setting(4)
     # unreadable images are skipped and counted (metrics.json); above this fraction of a dataset the trial fails
@@ -120,7 +121,7 @@ def _check_semseg(data_root: Path, cfg: SemSegConfig, quick: bool, voc: bool):
     report = d.DataReport(name, EXPECTED_LAYOUT)
     root = root_of(data_root)
     get = get.format(root=root)
-    for split in (cfg.data.train_split, cfg.data.test_split):
+    for split in (*cfg.data.train_splits, cfg.data.test_split):
         what = f"{name} {split}"
         try:
             records = load(data_root, split)
@@ -146,8 +147,8 @@ def check_cityscapes(data_root: Path, cfg: SemSegConfig, quick: bool):
 # MoCo v1 Table 6 (App. A.5's FCN-16s); mmselfsup's OS8 FCN-D8 row is another protocol and is not shown
 _BACKBONE = "FCN-16s_R50-dilated (App. A.5)"
 _PUBLISHED = {
-    "voc_semseg": PublishedRows("voc12aug_semseg", _BACKBONE, ("Table6",), {"mIoU": "mIoU"}),
-    "cityscapes_semseg": PublishedRows("cityscapes_semseg", _BACKBONE, ("Table6",), {"mIoU": "mIoU"}),
+    "voc_semseg": PublishedRows(_BACKBONE, ("Table6",), {"mIoU": "mIoU"}),
+    "cityscapes_semseg": PublishedRows(_BACKBONE, ("Table6",), {"mIoU": "mIoU"}),
 }
 
 for _name, _file, _sets, _make, _check, _desc in (

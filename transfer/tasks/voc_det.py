@@ -18,8 +18,8 @@ from transfer.tasks.detection import C4Config, InputConfig, PrecisionConfig, Pre
 
 @dataclass(frozen=True)
 class VOCDataConfig:
-    train_sets: List[str] = field(default_factory=lambda: ["2007_trainval", "2012_trainval"])
-    test_set: str = "2007_test"
+    train_splits: List[str] = field(default_factory=lambda: ["2007_trainval", "2012_trainval"])  # <year>_<split>
+    test_split: str = "2007_test"
     # Detectron2's load_voc_instances keeps difficult objects for training ("they don't hurt accuracy")
     train_use_difficult: bool = True
     num_workers: int = run_setting(4)
@@ -73,7 +73,7 @@ def check_data(data_root: Path, cfg: VOCDetConfig, quick: bool):
                                    voc_dir)
 
     report = d.DataReport("voc", EXPECTED_LAYOUT)
-    for set_name in [*cfg.data.train_sets, cfg.data.test_set]:
+    for set_name in [*cfg.data.train_splits, cfg.data.test_split]:
         year, split = parse_set_name(set_name)
         root, what = voc_dir(data_root, year), f"VOC{year} {split}"
         get = f"download {_VOC_DOWNLOAD.get(year, 'the VOC' + year + ' tarballs')} and extract them in {data_root}"
@@ -124,11 +124,11 @@ _VOC_METRICS = {"AP50": "AP50", "AP": "AP", "AP75": "AP75"}
 _PUBLISHED = {
     # MoCo v1 Table 2b (R50-C4, 24k iterations, VOC07+12 -> test2007); MoCo v2 Table 1 = the official
     # repo's detection table (which repeats v1's numbers: the first copy is kept)
-    "voc0712_det": PublishedRows("voc07+12_detection", "FasterRCNN_R50-C4",
+    "voc0712_det": PublishedRows("FasterRCNN_R50-C4",
                                  ("Table2b", "Table1 (= official repo detection table)", "mocov2 README"),
                                  _VOC_METRICS),
     # MoCo v1 Table 4 (R50-C4, VOC07 trainval only, 9k iterations); competitor columns use other backbones
-    "voc07_det": PublishedRows("voc07_detection", "FasterRCNN_R50-C4", ("Table4",), _VOC_METRICS),
+    "voc07_det": PublishedRows("FasterRCNN_R50-C4", ("Table4",), _VOC_METRICS),
 }
 
 for _name, _file, _sets, _desc in (

@@ -133,9 +133,9 @@ def build_config(yaml_name: str, task_cfg: Any, weights: BackboneWeights, ctx: T
 
 def effective_values(cfg: CfgNode, world_size: int) -> Dict[str, Any]:
     """What Detectron2 runs, as it runs it (recorded beside the result)."""
-    return {"engine": "detectron2", "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
-            "ims_per_process": cfg.SOLVER.IMS_PER_BATCH // world_size, "base_lr": cfg.SOLVER.BASE_LR,
-            "max_iter": cfg.SOLVER.MAX_ITER, "steps": list(cfg.SOLVER.STEPS),
+    return {"engine": "detectron2", "batch_size": cfg.SOLVER.IMS_PER_BATCH,
+            "batch_per_process": cfg.SOLVER.IMS_PER_BATCH // world_size, "base_lr": cfg.SOLVER.BASE_LR,
+            "iterations": cfg.SOLVER.MAX_ITER, "steps": list(cfg.SOLVER.STEPS),
             "reference_world_size": cfg.SOLVER.REFERENCE_WORLD_SIZE, "world_size": world_size,
             "resnets_norm": cfg.MODEL.RESNETS.NORM, "fpn_norm": cfg.MODEL.FPN.NORM,
             "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT, "input_format": cfg.INPUT.FORMAT,

@@ -113,7 +113,7 @@ def register_lvis(data_root: Path, split: str, train: bool) -> str:
 def register_cityscapes_instances(data_root: Path, split: str, train: bool) -> str:
     """Cityscapes fine instances read by the suite (``instanceIds`` PNGs -> RLE masks, so the configs use
     ``INPUT.MASK_FORMAT bitmask``), never by Detectron2's Cityscapes loader (issue #5436)."""
-    from transfer.data.cityscapes_instances import filter_for_training, load_cityscapes_instances
+    from transfer.data.cityscapes_instseg import filter_for_training, load_cityscapes_instances
 
     data_root = Path(data_root)
     records, meta = load_cityscapes_instances(data_root, split)  # fails early on a bad layout

@@ -122,8 +122,8 @@ def run_densepose(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict
         require_smpl_files()
     comm.synchronize()
     require_smpl_files()
-    train = [register_densepose(ctx.data_root, s) for s in cfg.data.train_sets]
-    test = register_densepose(ctx.data_root, cfg.data.test_set)
+    train = [register_densepose(ctx.data_root, s) for s in cfg.data.train_splits]
+    test = register_densepose(ctx.data_root, cfg.data.test_split)
     cfg_d2 = build_config(TASK_YAML[ctx.task], cfg, weights, ctx, train, [test], cfg.data.num_workers)
     out_dir = str(Path(ctx.output_dir) / "d2_inference")
     if comm.is_main_process():

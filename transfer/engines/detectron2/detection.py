@@ -48,8 +48,8 @@ def _finish(metrics: Dict[str, float], run: Dict[str, Any], cfg_d2, ctx: TrialCo
 
 
 def run_voc(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
-    train = [datasets.register_voc(ctx.data_root, s, cfg.data.train_use_difficult) for s in cfg.data.train_sets]
-    test = datasets.register_voc(ctx.data_root, cfg.data.test_set)
+    train = [datasets.register_voc(ctx.data_root, s, cfg.data.train_use_difficult) for s in cfg.data.train_splits]
+    test = datasets.register_voc(ctx.data_root, cfg.data.test_split)
     cfg_d2 = build_config(TASK_YAML[ctx.task], cfg, weights, ctx, train, [test], cfg.data.num_workers)
     run = train_and_evaluate(cfg_d2, weights, ctx, PascalVOCDetectionEvaluator, log_period=cfg.log_period)
     if not run:
@@ -61,10 +61,11 @@ def run_voc(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, 
 def _run_coco(task: str, cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     keypoints = task == "coco_keypoints"
     min_kp = cfg.keypoint.min_keypoints_per_image if keypoints else 1
-    train = datasets.register_coco(ctx.data_root, cfg.data.train_split, keypoints, train=True, min_keypoints=min_kp)
+    train = [datasets.register_coco(ctx.data_root, s, keypoints, train=True, min_keypoints=min_kp)
+             for s in cfg.data.train_splits]
     test = datasets.register_coco(ctx.data_root, cfg.data.test_split, keypoints, train=False)
-    cfg_d2 = build_config(TASK_YAML[task], cfg, weights, ctx, [train], [test], cfg.data.num_workers,
-                          num_classes=len(MetadataCatalog.get(train).thing_classes))
+    cfg_d2 = build_config(TASK_YAML[task], cfg, weights, ctx, train, [test], cfg.data.num_workers,
+                          num_classes=len(MetadataCatalog.get(train[0]).thing_classes))
 
     def evaluator(name: str) -> COCOEvaluator:
         # the tasks named, so that a model without detections scores NaN in every column instead of dropping some
@@ -83,10 +84,10 @@ def run_lvis(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str,
     ``np.float``, so it runs under the suite's :func:`transfer.evaluation.numpy_compat.numpy_aliases`)."""
     from transfer.evaluation.numpy_compat import numpy_aliases
 
-    train = datasets.register_lvis(ctx.data_root, cfg.data.train_split, train=True)
+    train = [datasets.register_lvis(ctx.data_root, s, train=True) for s in cfg.data.train_splits]
     test = datasets.register_lvis(ctx.data_root, cfg.data.test_split, train=False)
-    cfg_d2 = build_config(TASK_YAML[ctx.task], cfg, weights, ctx, [train], [test], cfg.data.num_workers,
-                          num_classes=len(MetadataCatalog.get(train).thing_classes))
+    cfg_d2 = build_config(TASK_YAML[ctx.task], cfg, weights, ctx, train, [test], cfg.data.num_workers,
+                          num_classes=len(MetadataCatalog.get(train[0]).thing_classes))
 
     def evaluator(name: str) -> LVISEvaluator:
         return LVISEvaluator(name, tasks=("bbox", "segm"), output_dir=str(ctx.output_dir / "d2_inference"),
@@ -100,12 +101,12 @@ def run_lvis(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str,
 
 
 class CityscapesInstancesAdapter(DatasetEvaluator):
-    """Detectron2's evaluator interface around the suite's :class:`transfer.evaluation.cityscapes_instances.
+    """Detectron2's evaluator interface around the suite's :class:`transfer.evaluation.cityscapes_instseg.
     CityscapesInstanceEvaluator` (cityscapesscripts' evaluation on every Detectron2 version: Detectron2's own
     ``CityscapesInstanceEvaluator`` imports a Meta-internal module since Dec. 2024, detectron2 issue #5436)."""
 
     def __init__(self, gt_dir: str, pred_dir: Path, thing_classes):
-        from transfer.evaluation.cityscapes_instances import CityscapesInstanceEvaluator
+        from transfer.evaluation.cityscapes_instseg import CityscapesInstanceEvaluator
 
         self.make = lambda: CityscapesInstanceEvaluator(Path(gt_dir), pred_dir, thing_classes)
         self.inner = self.make()
@@ -126,10 +127,10 @@ class CityscapesInstancesAdapter(DatasetEvaluator):
 def run_cityscapes_instances(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     """Mask R-CNN R50-FPN on Cityscapes fine with the suite's reader (instanceIds -> RLE masks) and
     cityscapesscripts' AP / AP50 -> APmk / APmk50."""
-    train = datasets.register_cityscapes_instances(ctx.data_root, cfg.data.train_split, train=True)
+    train = [datasets.register_cityscapes_instances(ctx.data_root, s, train=True) for s in cfg.data.train_splits]
     test = datasets.register_cityscapes_instances(ctx.data_root, cfg.data.test_split, train=False)
-    cfg_d2 = build_config(TASK_YAML[ctx.task], cfg, weights, ctx, [train], [test], cfg.data.num_workers,
-                          num_classes=len(MetadataCatalog.get(train).thing_classes))
+    cfg_d2 = build_config(TASK_YAML[ctx.task], cfg, weights, ctx, train, [test], cfg.data.num_workers,
+                          num_classes=len(MetadataCatalog.get(train[0]).thing_classes))
     meta = MetadataCatalog.get(test)
 
     def evaluator(name: str) -> DatasetEvaluator:

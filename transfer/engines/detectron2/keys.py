@@ -173,7 +173,7 @@ FIELD_KEYS: Dict[str, Dict[str, Tuple[str, Convert]]] = {
 
 # read by the engine itself (dataset registration, loaders, logging), not Detectron2 config keys
 HANDLED_ELSEWHERE = {
-    "data.train_sets", "data.test_set", "data.train_use_difficult", "data.train_split", "data.test_split",
+    "data.train_splits", "data.test_split", "data.train_use_difficult",
     "data.num_workers", "data.max_unreadable_fraction", "log_period",
 }
 

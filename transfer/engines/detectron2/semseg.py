@@ -100,12 +100,12 @@ def _run_semseg(task: str, cfg: Any, weights: BackboneWeights, ctx: TrialContext
     load, read_label, classes = _datasets(task)
     root = Path(ctx.data_root)
     names = {}
-    for split in (cfg.data.train_split, cfg.data.test_split):
+    for split in (*cfg.data.train_splits, cfg.data.test_split):
         names[split] = register_dataset(f"suite_{task}_{split}", lambda s=split: load(root, s),
                                  stuff_classes=list(classes), ignore_label=cfg.input.ignore_label,
                                  evaluator_type="sem_seg")
         DatasetCatalog.get(names[split])  # a missing or malformed dataset fails here, before training
-    cfg_d2 = build_config(TASK_YAML[task], cfg, weights, ctx, [names[cfg.data.train_split]],
+    cfg_d2 = build_config(TASK_YAML[task], cfg, weights, ctx, [names[s] for s in cfg.data.train_splits],
                           [names[cfg.data.test_split]], cfg.data.num_workers)
 
     def evaluator(name: str) -> DatasetEvaluator:

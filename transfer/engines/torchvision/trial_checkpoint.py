@@ -30,6 +30,7 @@ from pretrain.data.folder import restore_unreadable_flags, unreadable_flags
 from pretrain.utils import dist
 from pretrain.utils.config import protocol_dict
 from pretrain.utils.io import atomic_torch_save, safe_torch_load
+from pretrain.utils.vocabulary import translate_tree
 from transfer.engines.torchvision.detection.loop import unwrap
 
 log = logging.getLogger(__name__)
@@ -51,17 +52,31 @@ def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def _in_todays_names(protocol: Optional[dict]) -> dict:
+    """A saved protocol with the config keys renamed since (:mod:`pretrain.utils.vocabulary`) in today's names."""
+    protocol = dict(protocol or {})
+    if isinstance(protocol.get("config"), dict):
+        protocol["config"] = translate_tree(protocol["config"], warn=False)
+    return protocol
+
+
 def protocol_differences(old: Optional[dict], new: dict) -> List[str]:
-    """The dotted names whose values differ between two protocols (``config.solver.base_lr``, ``seed``, ...)."""
-    a, b = _flatten(old or {}), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    """The dotted names whose values differ between two protocols (``config.solver.base_lr``, ``seed``, ...).
+
+    ``config.seed`` is not compared: the trial's own seed is (``seed``), and configs that had no seed key
+    (the ImageNet probes, before every task had one) hold the same protocol."""
+    a, b = _flatten(_in_todays_names(old)), _flatten(_in_todays_names(new))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "config.seed")
 
 
 def check_protocol(path: Path, saved: Optional[dict], protocol: dict) -> None:
-    """Raise :class:`ProtocolChangedError` naming the differing fields when ``saved`` is not ``protocol``."""
+    """Raise :class:`ProtocolChangedError` naming the differing fields when ``saved`` is not ``protocol``
+    (a checkpoint written before a config key was renamed is read in today's names)."""
     if saved == protocol:
         return
     diff = protocol_differences(saved, protocol)
+    if not diff:
+        return
     raise ProtocolChangedError(f"{path} was written with another protocol (differs in: {', '.join(diff) or 'unknown'});"
                                " delete it to restart the trial, or choose another --output")
 

@@ -116,7 +116,7 @@ def cached_features(cfg, weights: BackboneWeights, ctx: TrialContext, views: int
             "pixel_mean": weights.pixel_mean, "pixel_std": weights.pixel_std}
     center = {"view": "center", "resize": cfg.data.resize_size, "crop": cfg.data.image_size}
     f = cfg.features
-    kw = dict(device=ctx.device, batch_size=f.batch_size, workers=cfg.data.workers, shard_size=f.shard_size,
+    kw = dict(device=ctx.device, batch_size=f.batch_per_process, workers=cfg.data.num_workers, shard_size=f.shard_size,
               dtype=f.dtype)
     train_fp = dataset_fingerprint(train_ds.samples, train_ds.root)
     train_feats, train_labels, _ = get_or_extract(
@@ -139,26 +139,26 @@ def cached_features(cfg, weights: BackboneWeights, ctx: TrialContext, views: int
 @register_engine("imagenet_linear", "torchvision")
 def run_linear(cfg: LinearTaskConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     """The full protocol; checkpoints ``linear_checkpoint.pth`` in ``ctx.output_dir`` every
-    ``optim.checkpoint_every`` iterations and every epoch, and resumes from it (bit-identical on CPU)."""
-    if cfg.optim.batch_size % ctx.world_size:
-        raise ValueError(f"batch_size {cfg.optim.batch_size} is not divisible by world size {ctx.world_size}")
+    ``solver.checkpoint_period`` iterations and every epoch, and resumes from it (bit-identical on CPU)."""
+    if cfg.solver.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size {cfg.solver.batch_size} is not divisible by world size {ctx.world_size}")
     train_ds, val_ds = load_splits(cfg.data, ctx, train_tf(cfg.data, weights), eval_tf(cfg.data, weights))
     torch.manual_seed(ctx.seed)  # the head's N(0, 0.01) init and the augmentations
     model = attach_linear_head(build_backbone_resnet(weights), len(train_ds.classes))
     load_resnet_weights(model, weights)  # after attach: the head is fresh, exactly fc.* is missing
-    per_rank = cfg.optim.batch_size // ctx.world_size
+    per_rank = cfg.solver.batch_size // ctx.world_size
     sampler = ResumableDistributedSampler(train_ds, per_rank, num_replicas=ctx.world_size, rank=ctx.rank,
                                           shuffle=True, seed=ctx.seed)
     pin = ctx.device.type == "cuda"
     # augmentations seeded per (seed, epoch, image), the loader's own generator: resumable bit for bit
     train_loader = DataLoader(EpochSamples(train_ds, ctx.seed), batch_size=per_rank, sampler=sampler,
-                              num_workers=cfg.data.workers, pin_memory=pin, persistent_workers=cfg.data.workers > 0,
+                              num_workers=cfg.data.num_workers, pin_memory=pin, persistent_workers=cfg.data.num_workers > 0,
                               generator=torch.Generator().manual_seed(ctx.seed))
     # every val image exactly once over the ranks (no DistributedSampler padding)
     val_part = Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world_size))
-    val_loader = DataLoader(val_part, batch_size=per_rank, num_workers=cfg.data.workers, pin_memory=pin)
+    val_loader = DataLoader(val_part, batch_size=per_rank, num_workers=cfg.data.num_workers, pin_memory=pin)
     protocol = trial_protocol(cfg, ctx.seed, ctx.world_size)
-    metrics, history = train_linear(model, train_loader, val_loader, cfg.optim, ctx.device,
+    metrics, history = train_linear(model, train_loader, val_loader, cfg.solver, ctx.device,
                                     checkpoint=Path(ctx.output_dir) / "linear_checkpoint.pth", protocol=protocol)
     if dist.is_main():
         atomic_write_json(Path(ctx.output_dir) / "history.json", history)

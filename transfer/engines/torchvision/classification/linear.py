@@ -28,7 +28,7 @@ from pretrain.utils import dist
 from pretrain.utils.io import atomic_torch_save, safe_torch_load
 from transfer.engines.torchvision.classification.feature_cache import state_digest
 from transfer.engines.torchvision.trial_checkpoint import check_protocol
-from transfer.tasks.imagenet import LinearOptimConfig
+from transfer.tasks.imagenet import LinearSolverConfig
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def train_linear(
     model: nn.Module,
     train_loader: DataLoader,
     val_loader: DataLoader,
-    optim: LinearOptimConfig,
+    solver: LinearSolverConfig,
     device: torch.device,
     checkpoint: Optional[Path] = None,
     protocol: Optional[dict] = None,
@@ -117,7 +117,7 @@ def train_linear(
 
     ``train_loader`` yields ``(images (B, 3, H, W), labels (B,))``; its sampler's ``set_epoch`` is called every
     epoch (with the batches to skip on a mid-epoch resume when it is a :class:`ResumableDistributedSampler`).
-    ``checkpoint``: written atomically by rank 0 every ``optim.checkpoint_every`` iterations and at the end
+    ``checkpoint``: written atomically by rank 0 every ``solver.checkpoint_period`` iterations and at the end
     of each epoch (head, optimizer, epoch, iteration, the epoch's running loss, history), and resumed from
     when present; a checkpoint of another ``protocol`` is refused. No RNG state is needed: the backbone is
     frozen (its BN statistics too, asserted) and each sample's augmentation is seeded by (seed, epoch, index)
@@ -133,7 +133,7 @@ def train_linear(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     params = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == 2, "only the linear head (fc.weight, fc.bias) may be trained"
-    opt = torch.optim.SGD(params, lr=optim.base_lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    opt = torch.optim.SGD(params, lr=solver.base_lr, momentum=solver.momentum, weight_decay=solver.weight_decay)
 
     start, start_iter, history = 0, 0, []
     resumed_sum, resumed_n = torch.zeros(()), 0
@@ -156,10 +156,10 @@ def train_linear(
                                "loss_sum": loss_sum.detach().cpu(), "seen": seen, "protocol": protocol}, checkpoint)
 
     metrics: Dict[str, float] = {}
-    every = getattr(optim, "checkpoint_every", 0)
-    for epoch in range(start, optim.epochs):
+    every = solver.checkpoint_period
+    for epoch in range(start, solver.epochs):
         for group in opt.param_groups:
-            group["lr"] = step_lr(optim.base_lr, epoch, optim.lr_steps, optim.lr_gamma)
+            group["lr"] = step_lr(solver.base_lr, epoch, solver.steps, solver.gamma)
         sampler = train_loader.sampler
         skip = start_iter if epoch == start else 0
         if isinstance(sampler, ResumableDistributedSampler):
@@ -184,13 +184,13 @@ def train_linear(
             if every > 0 and it % every == 0:
                 save(epoch, it, loss_sum, n)
         history.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(loss_sum) / max(n, 1)})
-        last = epoch + 1 == optim.epochs
-        if last or (optim.eval_every > 0 and (epoch + 1) % optim.eval_every == 0):
+        last = epoch + 1 == solver.epochs
+        if last or (solver.eval_period_epochs > 0 and (epoch + 1) % solver.eval_period_epochs == 0):
             metrics = evaluate(model, val_loader, device)
             history[-1].update(metrics)
         h = history[-1]
         acc = f"  top1 {h['top1']:.2f}  top5 {h['top5']:.2f}" if "top1" in h else ""
-        log.info("linear epoch %d/%d  loss %.4f  lr %.3g%s", epoch + 1, optim.epochs, h["loss"], h["lr"], acc)
+        log.info("linear epoch %d/%d  loss %.4f  lr %.3g%s", epoch + 1, solver.epochs, h["loss"], h["lr"], acc)
         save(epoch + 1, 0, torch.zeros(()), 0)
         dist.barrier()
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from pretrain.utils import dist
 from transfer.context import TrialContext
+from transfer.data.splits import concat_splits
 from transfer.data.coco import (COCOInstances, coco_paths, collate_coco, filter_for_training, keypoint_flip_indices,
                                 load_coco_instances)
 from transfer.engines.torchvision.detection import loop
@@ -68,9 +69,11 @@ def _run_coco(cfg, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, flo
     torch.manual_seed(ctx.seed + ctx.rank)
     kp_cfg = getattr(cfg, "keypoint", None)
     keypoints = kp_cfg is not None
-    train_json, train_images = coco_paths(ctx.data_root, cfg.data.train_split, keypoints=keypoints)
+    records, meta = concat_splits(
+        lambda s: load_coco_instances(*coco_paths(ctx.data_root, s, keypoints=keypoints), keypoints=keypoints),
+        cfg.data.train_splits)
+    train_json = meta["json_file"]
     test_json, test_images = coco_paths(ctx.data_root, cfg.data.test_split, keypoints=keypoints)
-    records, meta = load_coco_instances(train_json, train_images, keypoints=keypoints)
     train = filter_for_training(records, keypoints=keypoints,
                                 min_keypoints=kp_cfg.min_keypoints_per_image if keypoints else 1)
     test, test_meta = load_coco_instances(test_json, test_images, keypoints=keypoints)  # fail before training

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from pretrain.utils import dist
 from transfer.context import TrialContext
 from transfer.data.coco import COCOInstances, collate_coco
+from transfer.data.splits import concat_splits
 from transfer.data.lvis import filter_empty, load_lvis_instances, lvis_paths
 from transfer.engines.torchvision.detection import loop
 from transfer.engines.torchvision.detection.fpn import build_rcnn_fpn
@@ -52,10 +53,10 @@ def _run_lvis(cfg: LVISConfig, weights: BackboneWeights, ctx: TrialContext) -> D
     # the heads' init (rank 0's is broadcast) and the model's own draws (training resize, RPN and RoI sampling);
     # augmentations are seeded per sample (detection.samplers.KeyedSamples)
     torch.manual_seed(ctx.seed + ctx.rank)
-    train_json, coco_root = lvis_paths(ctx.data_root, cfg.data.train_split)
-    test_json, _ = lvis_paths(ctx.data_root, cfg.data.test_split)
-    records, meta = load_lvis_instances(train_json, coco_root)
+    records, meta = concat_splits(lambda s: load_lvis_instances(*lvis_paths(ctx.data_root, s)), cfg.data.train_splits)
+    train_json = meta["json_file"]
     train = filter_empty(records, train_json)
+    test_json, coco_root = lvis_paths(ctx.data_root, cfg.data.test_split)
     test, test_meta = load_lvis_instances(test_json, coco_root)  # fail before training
     if test_meta["thing_classes"] != meta["thing_classes"]:
         raise ValueError(f"{train_json} and {test_json} declare different categories")

@@ -30,7 +30,7 @@ def evaluate_voc(model: torch.nn.Module, cfg: VOCDetConfig, data_root: Path, inp
 
     An unreadable test image is counted and gets no detections (no other image stands in under its id); its
     ground-truth objects still count, as missed."""
-    records = load_voc_records(data_root, cfg.data.test_set)
+    records = load_voc_records(data_root, cfg.data.test_split)
     loader = loop.inference_loader(VOCDetection(records, input_format, stand_in=False), cfg.data.num_workers,
                                    collate_detection)
     net = loop.unwrap(model)
@@ -57,11 +57,11 @@ def _run_voc(cfg: VOCDetConfig, weights: BackboneWeights, ctx: TrialContext) -> 
     # the heads' init (rank 0's is broadcast) and the model's own draws (training resize, RPN and RoI sampling);
     # augmentations are seeded per sample (detection.samplers.KeyedSamples)
     torch.manual_seed(ctx.seed + ctx.rank)
-    train = load_voc_sets(ctx.data_root, cfg.data.train_sets, use_difficult=cfg.data.train_use_difficult,
+    train = load_voc_sets(ctx.data_root, cfg.data.train_splits, use_difficult=cfg.data.train_use_difficult,
                           drop_empty=True)
-    load_voc_records(ctx.data_root, cfg.data.test_set)  # fail before training if the test set is broken
+    load_voc_records(ctx.data_root, cfg.data.test_split)  # fail before training if the test set is broken
     log.info("VOC: %d training images from %s; weights %s; effective schedule %s", len(train),
-             cfg.data.train_sets, weights.info(), eff)
+             cfg.data.train_splits, weights.info(), eff)
     dataset = VOCDetection(train, weights.input_format, hflip_prob=cfg.input.hflip_prob)
     model = build_faster_rcnn_c4(weights, len(VOC_CLASSES), cfg.model, cfg.input)
     model, losses = fit_detector(model, dataset, collate_detection, orientation_groups(train), cfg, ctx,

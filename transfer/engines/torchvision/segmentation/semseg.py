@@ -102,7 +102,7 @@ def _run_semseg(cfg: SemSegConfig, weights: BackboneWeights, ctx: TrialContext) 
     data = DATASETS[ctx.task]
     # the head's init (rank 0's is broadcast); augmentations are seeded per sample (detection.samplers.KeyedSamples)
     torch.manual_seed(ctx.seed + ctx.rank)
-    train = data.load(ctx.data_root, cfg.data.train_split)
+    train = [r for split in cfg.data.train_splits for r in data.load(ctx.data_root, split)]
     test = data.load(ctx.data_root, cfg.data.test_split)  # fail before training if the test set is broken
     log.info("%s: %d training / %d test images; weights %s; effective schedule %s", ctx.task, len(train), len(test),
              weights.info(), eff)

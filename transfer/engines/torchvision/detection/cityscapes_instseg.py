@@ -1,7 +1,7 @@
 """The built-in engine's Cityscapes instance segmentation: the COCO engine's Mask R-CNN R50-FPN (:mod:`.fpn`)
 and trainer (:func:`.trainer.fit_detector`) on the instanceIds ground truth
-(:mod:`transfer.data.cityscapes_instances`), then cityscapesscripts' AP fed as Detectron2's
-``CityscapesInstanceEvaluator`` (:mod:`transfer.evaluation.cityscapes_instances`)."""
+(:mod:`transfer.data.cityscapes_instseg`), then cityscapesscripts' AP fed as Detectron2's
+``CityscapesInstanceEvaluator`` (:mod:`transfer.evaluation.cityscapes_instseg`)."""
 from __future__ import annotations
 
 import logging
@@ -12,14 +12,15 @@ from tqdm import tqdm
 
 from pretrain.utils import dist
 from transfer.context import TrialContext
-from transfer.data.cityscapes_instances import filter_for_training, load_cityscapes_instances
+from transfer.data.splits import concat_splits
+from transfer.data.cityscapes_instseg import filter_for_training, load_cityscapes_instances
 from transfer.data.coco import COCOInstances, collate_coco
 from transfer.engines.torchvision.detection import loop
 from transfer.engines.torchvision.detection.fpn import build_rcnn_fpn
 from transfer.engines.torchvision.detection.trainer import fit_detector, orientation_groups, with_final_loss
-from transfer.evaluation.cityscapes_instances import CityscapesInstanceEvaluator
+from transfer.evaluation.cityscapes_instseg import CityscapesInstanceEvaluator
 from transfer.registry import register_engine
-from transfer.tasks.cityscapes_inst import CityscapesInstConfig
+from transfer.tasks.cityscapes_instseg import CityscapesInstSegConfig
 from transfer.tasks.voc_det import effective
 from transfer.weights.resolve import BackboneWeights
 
@@ -48,12 +49,12 @@ def evaluate_cityscapes_instances(model: torch.nn.Module, records: list, meta: d
     return evaluator.evaluate()
 
 
-def _run_cityscapes(cfg: CityscapesInstConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
+def _run_cityscapes(cfg: CityscapesInstSegConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     eff = effective(cfg, ctx.world_size)
     # the heads' init (rank 0's is broadcast) and the model's own draws (training resize, RPN and RoI sampling);
     # augmentations are seeded per sample (detection.samplers.KeyedSamples)
     torch.manual_seed(ctx.seed + ctx.rank)
-    records, meta = load_cityscapes_instances(ctx.data_root, cfg.data.train_split)
+    records, meta = concat_splits(lambda s: load_cityscapes_instances(ctx.data_root, s), cfg.data.train_splits)
     train = filter_for_training(records)
     test, test_meta = load_cityscapes_instances(ctx.data_root, cfg.data.test_split)  # fail before training
     num_classes = len(meta["thing_classes"])

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from transfer.data.cityscapes import CityscapesDataError
-from transfer.data.cityscapes_instances import (filter_for_training, instances_from_ids, load_cityscapes_instances,
+from transfer.data.cityscapes_instseg import (filter_for_training, instances_from_ids, load_cityscapes_instances,
                                                 thing_labels)
 from transfer.data.synthetic.cityscapes import make_cityscapes
-from transfer.evaluation.cityscapes_instances import CityscapesEvalError, CityscapesInstanceEvaluator
+from transfer.evaluation.cityscapes_instseg import CityscapesEvalError, CityscapesInstanceEvaluator
 
 
 @pytest.fixture(scope="module")

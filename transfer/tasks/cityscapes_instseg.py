@@ -7,13 +7,14 @@ step at 18k -- started from the pretrained backbone with MoCo's BN policy (backb
 and synchronised, PreciseBN), as MMSS's MoCo-style Cityscapes config does; never from the COCO-trained
 detector Detectron2's config initialises from (that would measure COCO pre-training). Data:
 ``cityscapes/{leftImg8bit,gtFine}/{train,val}``; evaluation by cityscapesscripts as Detectron2's
-``CityscapesInstanceEvaluator`` (:mod:`transfer.evaluation.cityscapes_instances`). No trial count is
+``CityscapesInstanceEvaluator`` (:mod:`transfer.evaluation.cityscapes_instseg`). No trial count is
 stated: one trial, ``--trials`` overrides.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List
 
 from pretrain.utils.config import run_setting
 from transfer.registry import PublishedRows, TaskSpec, register_task
@@ -24,8 +25,9 @@ from transfer.tasks.voc_det import effective
 
 
 @dataclass(frozen=True)
-class CityscapesInstDataConfig:
-    train_split: str = "train"  # cityscapes/leftImg8bit/<split>, instances from gtFine/<split>/*_instanceIds.png
+class CityscapesInstSegDataConfig:
+    # cityscapes/leftImg8bit/<split>, instances from gtFine/<split>/*_instanceIds.png; several are concatenated
+    train_splits: List[str] = field(default_factory=lambda: ["train"])
     test_split: str = "val"
     num_workers: int = run_setting(4)
     # unreadable images are skipped and counted (metrics.json); above this fraction of a dataset the trial fails
@@ -33,9 +35,9 @@ class CityscapesInstDataConfig:
 
 
 @dataclass(frozen=True)
-class CityscapesInstConfig:
+class CityscapesInstSegConfig:
     """Mask R-CNN R50-FPN on Cityscapes fine (Detectron2's Cityscapes schedule, from the pretrained backbone)."""
-    data: CityscapesInstDataConfig = field(default_factory=CityscapesInstDataConfig)
+    data: CityscapesInstSegDataConfig = field(default_factory=CityscapesInstSegDataConfig)
     input: InputConfig = field(default_factory=lambda: InputConfig(
         min_size_train=list(range(800, 1025, 32)), max_size_train=2048, min_size_test=1024, max_size_test=2048,
         size_divisible=32))
@@ -49,7 +51,7 @@ class CityscapesInstConfig:
     log_period: int = run_setting(20)
 
 
-def check_data(data_root: Path, cfg: CityscapesInstConfig, quick: bool):
+def check_data(data_root: Path, cfg: CityscapesInstSegConfig, quick: bool):
     """The dataset doctor's check (``transfer.doctor``): the scanned images of each split, their
     ``*_gtFine_instanceIds.png``, the split sizes."""
     from transfer import doctor as d
@@ -59,7 +61,7 @@ def check_data(data_root: Path, cfg: CityscapesInstConfig, quick: bool):
     root = cityscapes_dir(data_root)
     get = (f"download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip (www.cityscapes-dataset.com) and "
            f"extract them in {root}")
-    for split in (cfg.data.train_split, cfg.data.test_split):
+    for split in (*cfg.data.train_splits, cfg.data.test_split):
         what = f"Cityscapes {split}"
         try:
             records = scan_cityscapes(data_root, split)
@@ -81,13 +83,13 @@ def check_data(data_root: Path, cfg: CityscapesInstConfig, quick: bool):
 
 _METRICS = ("APmk", "APmk50")  # Table 6's Cityscapes instance columns
 register_task(TaskSpec(
-    name="cityscapes_instseg", family="instance_segmentation", schema=CityscapesInstConfig,
+    name="cityscapes_instseg", family="instance_segmentation", schema=CityscapesInstSegConfig,
     config_file="cityscapes_instseg.yaml", metrics=_METRICS,
     datasets=("cityscapes/leftImg8bit/{train,val}", "cityscapes/gtFine/{train,val} (*_gtFine_instanceIds.png)"),
     description="Mask R-CNN R50-FPN on Cityscapes fine train -> val, 8 thing classes, 24k iters (Detectron2's "
                 "schedule from the pretrained backbone), cityscapesscripts AP",
     effective=effective, make_synthetic=make_synthetic_cityscapes, check_data=check_data,
-    published=(PublishedRows("cityscapes_instseg", "MaskRCNN_R50-FPN(?)", ("Table6",), {m: m for m in _METRICS},
+    published=(PublishedRows("MaskRCNN_R50-FPN(?)", ("Table6",), {m: m for m in _METRICS},
                              note="MoCo states no Cityscapes instance recipe; this suite runs Detectron2's "
                                   "Cityscapes schedule from the pretrained backbone (not from a COCO-trained "
                                   "detector, as Detectron2's config does)"),),
