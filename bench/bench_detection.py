@@ -26,6 +26,7 @@ from pretrain.utils.env import collect_env
 from transfer.engines.torchvision.detection.c4 import build_faster_rcnn_c4
 from transfer.engines.torchvision.detection.coco import build_coco_model
 from transfer.engines.torchvision.detection.loop import build_sgd
+from transfer.plugins import load_plugins
 from transfer.registry import get_task
 from transfer.runner import config_path
 from transfer.weights.resolve import BackboneWeights
@@ -62,6 +63,7 @@ def build(name: str, arch: str, size: int, light: bool) -> torch.nn.Module:
 
 
 def main() -> None:
+    load_plugins()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--device", default="auto")

@@ -27,7 +27,8 @@ from pretrain.utils.config import load_config  # noqa: E402
 from pretrain.utils.dist import select_device  # noqa: E402
 from pretrain.utils.io import atomic_write_json  # noqa: E402
 from transfer.context import TrialContext  # noqa: E402
-from transfer.registry import get_task  # noqa: E402
+from transfer.plugins import load_plugins  # noqa: E402
+from transfer.registry import ENGINES, get_task  # noqa: E402
 from transfer.weights.resolve import load_backbone_weights  # noqa: E402
 
 TASKS = ("imagenet_linear", "imagenet_linear_fast")
@@ -53,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    load_plugins()
     work = Path(tempfile.mkdtemp(prefix="bench_linear_"))
     data_root = args.data_root
     if data_root is None:
@@ -70,7 +72,7 @@ def main(argv=None) -> dict:
                            data_root=data_root, output_dir=work / "out" / name,
                            cache_dir=args.cache_dir or work / "cache")
         t0 = time.time()
-        metrics = spec.engines["torchvision"](cfg, weights, ctx)
+        metrics = ENGINES["torchvision"].implementation(spec.recipe)(cfg, weights, ctx)
         if device.type == "cuda":
             torch.cuda.synchronize()
         rows[name] = {"wall_s": time.time() - t0, **metrics}

@@ -4,6 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from transfer.plugins import load_plugins
+
+load_plugins()  # every built-in task and engine, before any test module reads the registry
+
 
 @pytest.fixture
 def one_thread():

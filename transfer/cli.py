@@ -1,13 +1,16 @@
 """``python transfer/run_all.py``: run the transfer suite for one set of backbone weights.
 
     python transfer/run_all.py --weights W [--name NAME] [--tasks voc0712_det,voc07_det] [--trials N]
-        [--engine auto|torchvision|detectron2] [--preset full|smoke] [--data-root DIR] [--output DIR]
-        [--seed S] [--device auto|cpu|cuda|cuda:N] [key=value ...] [task.key=value ...]
+        [--engine auto|torchvision|detectron2|...] [--preset full|smoke] [--data-root DIR] [--output DIR]
+        [--seed S] [--device auto|cpu|cuda|cuda:N] [--plugins MODULE,...] [key=value ...] [task.key=value ...]
 
 W: a converter output, a raw pretraining checkpoint, a torchvision state dict, an MSRA caffe2 .pkl, ``random``,
 or a supervised counterpart by name: ``supervised`` (= ``supervised_tv``: torchvision's IMAGENET1K_V1 ResNet of
 ``--arch``, from the torch hub cache or downloaded; ``supervised_tv=FILE`` offline) or
 ``supervised_msra=R-50.pkl`` (Detectron2's MSRA caffe2 ResNet: BGR, std 1, stride in the 1x1 conv).
+``--engine auto`` runs each task on the most preferred engine installed here that accepts the trial (Detectron2,
+else the built-in torchvision engine); ``--plugins`` imports modules that register more tasks or engines
+(also ``$MOCO_TRANSFER_PLUGINS`` and the ``moco_transfer.plugins`` entry points; CONTRIBUTING.md).
 ``key=value`` overrides go to every selected task whose config has that key; ``task.key=value`` to that
 task only (``voc07_det.solver.iterations=100``); an override no selected task accepts is an error.
 ``--watch PRETRAIN_DIR [--every N] [--poll S] [--once]`` instead of ``--weights``: evaluate each new checkpoint
@@ -70,7 +73,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (every registered task)")
     p.add_argument("--trials", type=_positive, default=None,
                    help="trials per task (default: the protocol's, e.g. 5 for VOC; 1 with --preset smoke)")
-    p.add_argument("--engine", default="auto", choices=("auto", "torchvision", "detectron2"))
+    p.add_argument("--engine", default="auto",
+                   help="auto (default), or a registered engine: torchvision, detectron2, or a plug-in's")
+    p.add_argument("--plugins", default="", help="comma-separated modules that register more tasks or engines")
     p.add_argument("--preset", default="full", choices=PRESETS)
     p.add_argument("--data-root", type=Path, default=None)
     p.add_argument("--output", type=Path, default=Path("results"))
@@ -124,26 +129,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Returns 0 when every trial finished ok, 1 when some failed, 2 when nothing could start."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.launcher == "slurm":
-        from transfer.registry import load_builtin_tasks, task_order
+    from transfer.plugins import load_plugins
+    from transfer.registry import ENGINES, TASKS, get_task, task_order, unavailable_everywhere
 
-        known = load_builtin_tasks()
+    try:
+        load_plugins(m for m in args.plugins.split(",") if m)
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.engine != "auto" and args.engine not in ENGINES:
+        print(f"error: unknown --engine {args.engine!r}; known: auto, {', '.join(sorted(ENGINES))}", file=sys.stderr)
+        return 2
+    if args.launcher == "slurm":
         tasks = list(task_order()) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
-        if [t for t in tasks if t not in known] or not tasks:
+        if [t for t in tasks if t not in TASKS] or not tasks:
             print(f"error: unknown task(s) in {args.tasks!r}; known: {', '.join(task_order())}", file=sys.stderr)
             return 2
         if args.tasks == "all":  # as a local run: a task no engine here can run is not submitted
-            from transfer.registry import get_task
-            from transfer.runner import unrunnable_reason
-
             for t in list(tasks):
-                reason = unrunnable_reason(get_task(t), args.engine)
+                reason = unavailable_everywhere(get_task(t))
                 if reason is not None:
                     print(f"not submitted: {t}: {reason} (name it in --tasks to submit it anyway)", file=sys.stderr)
                     tasks.remove(t)
         return submit_to_slurm(args, argv, tasks)
     from pretrain.utils.config import ConfigError
-    from transfer.registry import load_builtin_tasks, task_order
     from transfer.runner import SuiteOptions, format_summary, one_line_error, route_overrides, run_suite, write_report
     from transfer.weights.resolve import load_backbone_weights
 
@@ -155,9 +164,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     dist.init_distributed(device)
     setup_logging(args.output / "run_all.log")
     try:
-        known = load_builtin_tasks()
         tasks = list(task_order()) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
-        unknown = [t for t in tasks if t not in known]
+        unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
             log.error("unknown task(s) %s; known: %s", ", ".join(unknown) or "(none given)", ", ".join(task_order()))
             return 2

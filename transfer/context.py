@@ -1,8 +1,10 @@
-"""What an engine gets besides its config and weights: where to write, which device, which trial."""
+"""What an engine gets besides its config and weights: where to write, which device, which trial, and
+what the task spec declares for engines (its dataset format, this engine's own config file)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,3 +21,5 @@ class TrialContext:
     cache_dir: Path  # shared across weights, tasks and trials (e.g. cached features)
     world_size: int = 1
     rank: int = 0
+    dataset: Any = None  # TaskSpec.dataset: the dataset declaration (transfer.data.formats) the task reads
+    engine_config: str = ""  # TaskSpec.engine_configs[engine]: e.g. the Detectron2 YAML under configs/detectron2/

@@ -1,8 +1,8 @@
-"""The transfer suite loop: for each task and trial, resolve config and engine, run, record.
+"""The transfer suite loop: for each task, resolve its config and its engine (once); for each trial, run, record.
 
-Results layout (read by ``transfer.report``)::
+Results layout (read by ``transfer.report``; trials of older versions in ``<task>/trial<k>`` are read too)::
 
-    OUTPUT/<weights-name>/<task>/trial<k>/{metrics.json, config.yaml, env.json[, error.log, tensorboard/]}
+    OUTPUT/<weights-name>/<task>/<engine>/trial<k>/{metrics.json, config.yaml, env.json[, error.log, tensorboard/]}
 
 ``metrics.json`` is written last and atomically, so its presence with ``status: ok`` marks a finished
 trial, which a rerun skips (and refuses to overwrite when the protocol, preset or seed differ). A result's
@@ -45,8 +45,9 @@ from pretrain.utils.env import collect_env
 from pretrain.utils.io import atomic_write_json, atomic_write_text
 from transfer import results
 from transfer.context import TrialContext
-from transfer.engines import detectron2 as d2_engine
-from transfer.registry import TASKS, TaskSpec, get_task, load_builtin_tasks
+from transfer.plugins import load_plugins
+from transfer.registry import (TASKS, EngineUnavailableError, Implementation, TaskSpec, get_task, implementing,
+                               resolve, unavailable_everywhere)
 from transfer.weights.resolve import BackboneWeights
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ SMOKE_DIR = "smoke"
 class SuiteOptions:
     tasks: Sequence[str]
     trials: Optional[int] = None  # None: the task's protocol_trials (full preset) or 1 (smoke preset)
-    engine: str = "auto"  # auto | torchvision | detectron2
+    engine: str = "auto"  # auto, or a registered engine's name (torchvision, detectron2, plug-ins)
     preset: str = "full"
     output: Path = Path("results")
     data_root: Optional[Path] = None
@@ -72,55 +73,31 @@ class SuiteOptions:
     skip_unrunnable: bool = False
 
 
-def resolve_engine(spec: TaskSpec, requested: str) -> str:
-    """``auto``: detectron2 when importable and implemented for the task, else the built-in torchvision engine
-    (a Detectron2-only task, ``supported_engines=("detectron2",)``, has no such fallback)."""
-    only = "" if "torchvision" in spec.supported_engines else \
-        f"task {spec.name!r} runs on the {'/'.join(spec.supported_engines)} engine only"
-    hint = f"; {spec.install_hint}" if spec.install_hint else ""
-    if requested == "auto":
-        if "detectron2" in spec.engines and d2_engine.available():
-            return "detectron2"
-        if not only:
-            return "torchvision"
-        requested = "detectron2"  # the errors below say what is missing for it
-    if requested not in spec.supported_engines:
-        raise RuntimeError(f"{only}, not on --engine {requested}{hint}")
-    if requested == "detectron2" and not d2_engine.available():
-        if only:  # the task's own hint says how to install all it needs
-            raise RuntimeError(f"{only}, and detectron2 is not importable{hint}")
-        raise RuntimeError(f"--engine detectron2 was requested but detectron2 is not importable: {d2_engine.INSTALL_HINT}")
-    if requested == "detectron2" and spec.family == "classification" and requested not in spec.engines:
-        # Detectron2 implements detection and segmentation only: `--engine detectron2 --tasks all` runs the
-        # classification probes on the built-in engine, which metrics.json and the tables record
-        log.warning("%s: no Detectron2 implementation; running it on the built-in torchvision engine", spec.name)
-        return "torchvision"
-    if requested not in spec.engines:
-        if only:  # the engine is there, the task's extra package is not (DensePose)
-            raise RuntimeError(f"{only}, and its {requested} implementation could not be loaded here{hint}")
-        raise RuntimeError(f"task {spec.name!r} has no {requested!r} engine (it has: {sorted(spec.engines)})")
-    return requested
+@dataclass
+class Resolved:
+    """A task's engine for this suite run, resolved once (:func:`transfer.registry.resolve`): its name and
+    implementation, or the reason no engine can run it (then ``engine`` names the folder its failures go to)."""
+
+    engine: str
+    run: Optional[Implementation] = None
+    error: Optional[str] = None
 
 
-def unrunnable_reason(spec: TaskSpec, requested: str) -> Optional[str]:
-    """Why no engine here can run a task that the built-in engine does not implement (None: it can run, or it
-    is a built-in task, whose errors stay failed trials). ``--tasks all`` skips such a task with this reason."""
-    if "torchvision" in spec.supported_engines:
-        return None
+def resolve_task(spec: TaskSpec, requested: str, cfg: Any, weights: Optional[BackboneWeights]) -> Resolved:
     try:
-        resolve_engine(spec, requested)
-    except RuntimeError as e:
-        return str(e)
-    return None
+        engine, impl = resolve(spec, requested, cfg, weights)
+        return Resolved(engine, impl)
+    except EngineUnavailableError as e:
+        # the failure is recorded where a run of the requested engine would be; for auto, the least preferred
+        # engine that implements the task (the built-in one, for every built-in task that has one)
+        fallback = implementing(spec)
+        folder = requested if requested != "auto" else (fallback[-1].name if fallback else "none")
+        return Resolved(folder, error=f"EngineUnavailableError: {e}")
 
 
-def trial_dir(spec: TaskSpec, weights: BackboneWeights, opts: SuiteOptions, trial: int) -> Path:
+def trial_dir(spec: TaskSpec, weights: BackboneWeights, opts: SuiteOptions, trial: int, engine: str) -> Path:
     """``OUTPUT/<weights>/<task>/<engine>/trial<k>`` (:func:`transfer.results.trial_dir`): the engines' trials
     never skip or overwrite each other."""
-    try:
-        engine = resolve_engine(spec, opts.engine)
-    except RuntimeError:  # an engine that cannot run here: its error is recorded in the requested engine's folder
-        engine = opts.engine if opts.engine != "auto" else "torchvision"
     return results.trial_dir(Path(opts.output), weights.name, spec.name, engine, trial)
 
 
@@ -154,7 +131,7 @@ def route_overrides(tasks: Sequence[str], overrides: Sequence[str]) -> Dict[str,
     An override that no selected task accepts is an error naming the tasks and the key, raised before
     anything runs.
     """
-    load_builtin_tasks()
+    load_plugins()
 
     def in_schema(task: str, text: str) -> Optional[str]:
         schema = TASKS[task].schema
@@ -216,7 +193,8 @@ def ensure_synthetic(spec: TaskSpec, data_root: Path) -> None:
 def check_dataset(spec: TaskSpec, cfg: Any, data_root: Path) -> Optional[str]:
     """The dataset doctor's quick check (rank 0; the verdict goes to every rank): its message when the task
     cannot run, else None (``partial`` data is logged as a warning and runs)."""
-    from transfer.doctor import PARTIAL, DatasetCheckError, require_data
+    from transfer.data.checks import PARTIAL, DatasetCheckError
+    from transfer.doctor import require_data
 
     error = None
     if dist.is_main() and spec.check_data is not None:
@@ -254,9 +232,10 @@ def _previous_state(metrics_file: Path, want_hash: Optional[str], preset: str, s
 
 
 def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOptions, trial: int, seed: int,
-              data_root: Path, device: torch.device, setup_error: Optional[str] = None) -> dict:
-    """Run one (task, trial) unless finished; returns its metrics.json record (``skipped`` added if it was)."""
-    out_dir = trial_dir(spec, weights, opts, trial)
+              data_root: Path, device: torch.device, resolved: Resolved, setup_error: Optional[str] = None) -> dict:
+    """Run one (task, trial) on its resolved engine unless finished; returns its metrics.json record
+    (``skipped`` added if it was)."""
+    out_dir = trial_dir(spec, weights, opts, trial, resolved.engine)
     metrics_file = out_dir / "metrics.json"
     if cfg is not None:
         cfg = _with_seed(cfg, seed)
@@ -283,6 +262,8 @@ def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOpt
     try:
         if setup_error is not None or cfg is None:
             raise RuntimeError(setup_error or "the task config could not be loaded")
+        if resolved.error is not None:
+            raise RuntimeError(resolved.error)
         record["protocol_hash"] = want_hash
         record["effective"] = {
             **(spec.effective(cfg, world) if spec.effective else {}),
@@ -294,15 +275,16 @@ def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOpt
             atomic_write_text(out_dir / "config.yaml", config_to_yaml(cfg))
             atomic_write_json(out_dir / "env.json", {**collect_env(device), "seed": seed,
                                                      "effective": record["effective"]})
-        engine = resolve_engine(spec, opts.engine)
+        engine = resolved.engine
         record["engine"] = engine
         ctx = TrialContext(task=spec.name, trial=trial, seed=seed, engine=engine, device=device,
                            data_root=data_root, output_dir=out_dir, cache_dir=Path(opts.output) / "_cache",
-                           world_size=world, rank=dist.rank())
+                           world_size=world, rank=dist.rank(), dataset=spec.dataset,
+                           engine_config=spec.engine_configs.get(engine, ""))
         log.info("%s trial %d: engine=%s seed=%d effective=%s", spec.name, trial, engine, seed, record["effective"])
         max_bad = getattr(getattr(cfg, "data", None), "max_unreadable_fraction", DEFAULT_MAX_UNREADABLE)
         with count_unreadable(max_bad) as unreadable:  # the datasets skip and count undecodable images
-            metrics = spec.engines[engine](cfg, weights, ctx)
+            metrics = resolved.run(cfg, weights, ctx)
             record["unreadable_images"] = unreadable.count()
             record["unreadable_examples"] = unreadable.examples()
         dist.all_ok()  # raises here when a peer failed: no rank records a success alone
@@ -374,27 +356,31 @@ def run_suite(weights: BackboneWeights, opts: SuiteOptions, device: torch.device
     records = []
     for name in opts.tasks:
         spec = get_task(name)
-        reason = unrunnable_reason(spec, opts.engine)
+        reason = unavailable_everywhere(spec)
         if reason is not None and opts.skip_unrunnable:
             log.warning("%s: skipped, no engine here can run it: %s", name, reason)
             continue
-        cfg, cfg_error = None, None
+        cfg, cfg_error, resolved = None, None, None
         try:
             cfg = load_config(spec.schema, config_path(spec, opts.preset), routed[name])
-            if reason is not None:  # what to install comes before what data to fetch
-                raise RuntimeError(reason)
+            resolved = resolve_task(spec, opts.engine, cfg, weights)  # once per task
+            if resolved.error is not None:  # what to install comes before what data to fetch
+                raise RuntimeError(resolved.error)
+            log.info("%s: engine %s", name, resolved.engine)
             if opts.preset == "smoke" and opts.data_root is None:
                 ensure_synthetic(spec, data_root)
             cfg_error = check_dataset(spec, cfg, data_root)  # a broken dataset fails in seconds, not at its step
         except Exception as e:
             cfg_error = one_line_error(e)
             log.error("%s: %s", name, cfg_error)
+        if resolved is None:  # the config did not load: where its failure is recorded
+            resolved = resolve_task(spec, opts.engine, None, weights)
         base_seed = opts.seed if opts.seed is not None else int(getattr(cfg, "seed", 0) or 0)
         for trial in range(num_trials(spec, opts)):
             if opts.only_trial is not None and trial != opts.only_trial:
                 continue
             records.append(run_trial(spec, cfg, weights, opts, trial, base_seed + trial, data_root, device,
-                                     setup_error=cfg_error))
+                                     resolved, setup_error=cfg_error))
     return records
 
 

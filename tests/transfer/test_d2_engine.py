@@ -15,15 +15,17 @@ import torch
 
 from pretrain.utils.config import load_config
 from transfer.engines import detectron2 as d2_engine
-from transfer.engines.detectron2.keys import TASK_YAML, UnmappedKeyError, d2_assignments
-from transfer.registry import TASKS, get_task, load_builtin_tasks
-from transfer.runner import config_path, resolve_engine
+from transfer.engines.detectron2.keys import UnmappedKeyError, d2_assignments
+from transfer.registry import ENGINES, TASKS, EngineUnavailableError, get_task, resolve
+from transfer.runner import config_path
 
 needs_d2 = pytest.mark.skipif(not d2_engine.available(),
                               reason="detectron2 is not installed (no PyPI release; README 'Detectron2 engine')")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+# every task the Detectron2 engine implements, with the Detectron2 YAML its spec names
+TASK_YAML = {t: s.engine_configs["detectron2"] for t, s in TASKS.items() if s.recipe in ENGINES["detectron2"].recipes}
 
 
 def _task_cfg(task: str, preset: str = "full", overrides=()):
@@ -53,24 +55,20 @@ def test_a_field_without_detectron2_key_is_an_error():
 
 @pytest.mark.skipif(d2_engine.available(), reason="checks the behaviour without detectron2")
 def test_without_detectron2_nothing_imports_it_and_the_engine_says_how_to_install():
-    load_builtin_tasks()  # an unguarded "import detectron2" anywhere would raise here
+    # the registry is loaded (tests/conftest.py): an unguarded "import detectron2" anywhere would have raised
     assert "detectron2" not in sys.modules
-    assert not any("detectron2" in s.engines for s in TASKS.values())
     spec = get_task("voc07_det")
-    assert resolve_engine(spec, "auto") == "torchvision"
-    with pytest.raises(RuntimeError, match="build it from source"):
-        resolve_engine(spec, "detectron2")
+    assert resolve(spec, "auto")[0] == "torchvision"
+    with pytest.raises(EngineUnavailableError, match="build it from source"):
+        resolve(spec, "detectron2")
 
 
-def test_engine_detectron2_runs_the_classification_probes_on_the_builtin_engine(monkeypatch):
+def test_engine_detectron2_runs_the_classification_probes_on_the_builtin_engine(monkeypatch, caplog):
     """``--engine detectron2 --tasks all``: the probes (no Detectron2 implementation) run on the built-in
-    engine; a detection task without a Detectron2 implementation is still an error, never a silent swap."""
-    spec, voc = get_task("imagenet_knn"), get_task("voc07_det")
-    det = dataclasses.replace(voc, engines={"torchvision": voc.engines["torchvision"]})  # no Detectron2 one
+    engine, with a warning (and metrics.json and the trial folder name the engine that ran them)."""
     monkeypatch.setattr(d2_engine, "available", lambda: True)  # as if installed (after the registry loaded)
-    assert "detectron2" not in spec.engines and resolve_engine(spec, "detectron2") == "torchvision"
-    with pytest.raises(RuntimeError, match="no 'detectron2' engine"):
-        resolve_engine(det, "detectron2")
+    assert resolve(get_task("imagenet_knn"), "detectron2")[0] == "torchvision"
+    assert "does not implement 'imagenet_knn'" in caplog.text
 
 
 # ---------------------------------------------------------------- with detectron2 installed
@@ -78,9 +76,10 @@ def test_engine_detectron2_runs_the_classification_probes_on_the_builtin_engine(
 def _ctx(tmp_path, task="voc07_det", world_size=1):
     from transfer.context import TrialContext
 
+    spec = get_task(task)
     return TrialContext(task=task, trial=0, seed=0, engine="detectron2", device=torch.device("cpu"),
                         data_root=tmp_path / "data", output_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
-                        world_size=world_size)
+                        world_size=world_size, dataset=spec.dataset, engine_config=spec.engine_configs["detectron2"])
 
 
 def _resnet_weights(arch="resnet18", **manifest):
@@ -105,7 +104,6 @@ def test_detectron2_yaml_is_the_task_protocol(task, tmp_path):
 
     if "densepose" in TASK_YAML[task] and not d2_engine.densepose_available():
         pytest.skip("Detectron2's DensePose project is not importable (its keys come from add_densepose_config)")
-    load_builtin_tasks()
     yaml_only = get_cfg()
     add_suite_keys(yaml_only, TASK_YAML[task])
     yaml_only.merge_from_file(str(D2_CONFIG_DIR / TASK_YAML[task]))
@@ -149,7 +147,6 @@ def test_converted_weights_load_with_exactly_the_heads_missing(task, arch, tmp_p
     from transfer.engines.detectron2.config import build_config
     from transfer.engines.detectron2.modeling import load_backbone
 
-    load_builtin_tasks()
     weights = _resnet_weights(arch)
     cfg = build_config(TASK_YAML[task], _task_cfg(task, "smoke"), weights, _ctx(tmp_path, task), ["a"], ["b"], 0)
     model = build_model(cfg)
@@ -232,7 +229,6 @@ def test_fcn16s_reads_palette_labels_as_indices_and_predicts_at_the_input_size(t
     from transfer.engines.detectron2.config import build_config
     from transfer.engines.detectron2.semseg import SemSegMapper
 
-    load_builtin_tasks()
     labels = np.zeros((40, 56), dtype=np.uint8)
     labels[5:20, 10:30], labels[25:, :] = 15, 255  # person, void border
     png = Image.fromarray(labels, mode="P")
@@ -262,7 +258,6 @@ def test_basicblock_resnet_is_refused_for_the_fcn_with_the_reason(tmp_path):
     build."""
     from transfer.engines.detectron2.config import build_config
 
-    load_builtin_tasks()
     with pytest.raises(ValueError, match="without the res5 dilation the FCN-16s needs"):
         build_config(TASK_YAML["voc_semseg"], _task_cfg("voc_semseg", "smoke"), _resnet_weights("resnet18"),
                      _ctx(tmp_path, "voc_semseg"), ["a"], ["b"], 0)

@@ -16,10 +16,8 @@ from transfer.cli import main
 from transfer.data.densepose import DensePoseDataError, densepose_paths, validate_densepose
 from transfer.data.synthetic.densepose import make_densepose
 from transfer.engines import detectron2 as d2_engine
-from transfer.registry import get_task, load_builtin_tasks
-from transfer.runner import resolve_engine
+from transfer.registry import ENGINES, get_task, resolve
 
-load_builtin_tasks()
 needs_densepose = pytest.mark.skipif(
     not (d2_engine.available() and d2_engine.densepose_available()),
     reason="detectron2 and its DensePose project are not installed (README 'Detectron2 engine')")
@@ -121,13 +119,20 @@ def _run_all(tmp_path, tasks, *extra):
                  str(tmp_path), "--no-report", "--data-root", str(tmp_path / "none"), *extra])
 
 
+def _without_densepose(monkeypatch):
+    """As without Detectron2's DensePose project (whether detectron2 is there or not)."""
+    monkeypatch.setattr(ENGINES["detectron2"], "recipe_unavailable",
+                        lambda recipe: d2_engine.DENSEPOSE_HINT if recipe == "densepose_rcnn" else None)
+
+
 @pytest.mark.parametrize("engine", ["auto", "torchvision", "detectron2"])
 def test_named_densepose_fails_with_the_install_hint_where_it_cannot_run(engine, tmp_path, monkeypatch):
-    spec = get_task("coco_densepose")
-    monkeypatch.setattr(spec, "engines", {})  # as without the DensePose project (or without detectron2)
+    _without_densepose(monkeypatch)
     assert _run_all(tmp_path, "coco_densepose", "--engine", engine) == 1
-    rec = json.loads((tmp_path / "random-resnet18" / "coco_densepose" / (engine if engine != "auto" else "torchvision") / "trial0" / "metrics.json").read_text())
-    assert rec["status"] == "failed" and "runs on the detectron2 engine only" in rec["error"]
+    # failures go where the requested engine's trials would be (auto: the one engine that implements it)
+    folder = engine if engine != "auto" else "detectron2"
+    rec = json.loads((tmp_path / "random-resnet18" / "coco_densepose" / folder / "trial0" / "metrics.json").read_text())
+    assert rec["status"] == "failed" and "coco_densepose" in rec["error"]
     assert "pip install --no-deps -e <detectron2>/projects/DensePose" in rec["error"] and "PYTHONPATH" in rec["error"]
 
 
@@ -135,7 +140,7 @@ def test_named_densepose_fails_with_the_install_hint_where_it_cannot_run(engine,
 def test_tasks_all_skips_densepose_with_one_line_where_it_cannot_run(engine, tmp_path, monkeypatch):
     import transfer.registry as registry
 
-    monkeypatch.setattr(get_task("coco_densepose"), "engines", {})
+    _without_densepose(monkeypatch)
     monkeypatch.setattr(registry, "task_order", lambda: ("coco_densepose",))  # `all` = this task alone
     assert _run_all(tmp_path, "all", "--engine", engine) == 0  # no failed trial
     lines = [line for line in (tmp_path / "run_all.log").read_text().splitlines() if "coco_densepose" in line]
@@ -143,13 +148,15 @@ def test_tasks_all_skips_densepose_with_one_line_where_it_cannot_run(engine, tmp
     assert not (tmp_path / "random-resnet18" / "coco_densepose").exists()
 
 
-def test_densepose_resolves_to_detectron2_when_its_implementation_is_there(monkeypatch):
+def test_densepose_resolves_to_detectron2_when_its_implementation_is_there(monkeypatch, caplog):
     spec = get_task("coco_densepose")
-    monkeypatch.setattr(spec, "engines", {"detectron2": lambda cfg, w, ctx: {}})
-    monkeypatch.setattr(d2_engine, "available", lambda: True)
-    assert resolve_engine(spec, "auto") == "detectron2" == resolve_engine(spec, "detectron2")
-    with pytest.raises(RuntimeError, match="not on --engine torchvision"):
-        resolve_engine(spec, "torchvision")
+    d2 = ENGINES["detectron2"]
+    monkeypatch.setitem(d2.recipes, "densepose_rcnn", lambda cfg, w, ctx: {})
+    monkeypatch.setattr(d2, "unavailable", lambda: None)
+    monkeypatch.setattr(d2, "recipe_unavailable", lambda recipe: None)
+    assert resolve(spec, "auto")[0] == "detectron2" == resolve(spec, "detectron2")[0]
+    # the built-in engine has no DensePose R-CNN: the task goes to the engine that has one, with a warning
+    assert resolve(spec, "torchvision")[0] == "detectron2" and "does not implement 'densepose_rcnn'" in caplog.text
 
 
 # ----------------------------------------------------------------- with detectron2 and DensePose installed

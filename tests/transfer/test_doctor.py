@@ -9,6 +9,7 @@ import torch
 
 from pretrain.data.synthetic import make_imagenet_folders
 from transfer import doctor
+from transfer.data import checks
 from transfer.data.synthetic.voc import make_vocdevkit
 from transfer.registry import TASKS, TaskSpec, register_task
 
@@ -98,14 +99,14 @@ def test_malformed_annotation(root, capsys):
 def json_task():
     """A throw-away task whose check is the doctor's JSON block (how a COCO-style task's check reads)."""
     def check(data_root, cfg, quick):
-        report = doctor.DataReport("", "<data_root>/ann.json")
-        if doctor.check_json(report, "ann.json", data_root / "ann.json", "download ann.json") is not None:
-            report.add("ann.json", doctor.OK, "parsed")
+        report = checks.DataReport("", "<data_root>/ann.json")
+        if checks.check_json(report, "ann.json", data_root / "ann.json", "download ann.json") is not None:
+            report.add("ann.json", checks.OK, "parsed")
         return report
 
     voc = TASKS["voc07_det"]
     register_task(TaskSpec(name="_json_probe", family="detection", schema=voc.schema, config_file=voc.config_file,
-                           metrics=("AP",), check_data=check))
+                           metrics=("AP",), check_data=check, recipe=voc.recipe))
     yield "_json_probe"
     del TASKS["_json_probe"]
 

@@ -13,7 +13,7 @@ from pretrain.data.folder import DatasetLayoutError
 from pretrain.utils.config import load_config
 from transfer.engines.torchvision.classification import feature_cache
 from transfer.context import TrialContext
-from transfer.registry import get_task, load_builtin_tasks
+from transfer.registry import ENGINES, TASKS as REGISTERED, get_task
 from transfer.engines.torchvision.classification.imagenet import eval_tf
 from transfer.weights.resolve import BackboneWeights
 
@@ -23,7 +23,7 @@ TASKS = ("imagenet_linear", "imagenet_linear_fast", "imagenet_knn")
 @pytest.mark.parametrize("name", TASKS)
 def test_registered_with_full_and_smoke_configs(name):
     spec = get_task(name)
-    assert name in load_builtin_tasks() and spec.family == "classification" and "torchvision" in spec.engines
+    assert name in REGISTERED and spec.family == "classification" and spec.recipe in ENGINES["torchvision"].recipes
     full = load_config(spec.schema, spec.config_path)
     smoke = load_config(spec.schema, spec.config_path.parent / "smoke" / spec.config_file)
     assert (full.data.root, full.data.image_size, full.data.resize_size) == ("imagenet", 224, 256)
@@ -82,15 +82,15 @@ def test_flat_val_folder_gives_a_clear_error(tmp_path):
             d.rmdir()
     for name in TASKS:
         with pytest.raises(DatasetLayoutError, match="not split into class folders"):
-            get_task(name).engines["torchvision"](_cfg(name), _weights(), _ctx(name, tmp_path, tmp_path))
+            ENGINES["torchvision"].implementation(get_task(name).recipe)(_cfg(name), _weights(), _ctx(name, tmp_path, tmp_path))
 
 
 def test_knn_and_fast_probe_share_one_extraction(data_root, tmp_path, monkeypatch):
     calls = []
     real = feature_cache.extract_shard
     monkeypatch.setattr(feature_cache, "extract_shard", lambda *a: calls.append(1) or real(*a))
-    knn = get_task("imagenet_knn").engines["torchvision"]
-    fast = get_task("imagenet_linear_fast").engines["torchvision"]
+    knn = ENGINES["torchvision"].implementation(get_task("imagenet_knn").recipe)
+    fast = ENGINES["torchvision"].implementation(get_task("imagenet_linear_fast").recipe)
     m1 = knn(_cfg("imagenet_knn", "knn.k=5", "knn.ks=[1,5]", "knn.temperatures=[0.07,0.5]"), _weights(),
              _ctx("imagenet_knn", data_root, tmp_path))
     assert len(calls) == 2  # train + val, one shard each
@@ -108,7 +108,7 @@ def test_knn_and_fast_probe_share_one_extraction(data_root, tmp_path, monkeypatc
 
 
 def test_linear_engine_runs_resumes_and_keeps_backbone(data_root, tmp_path):
-    run = get_task("imagenet_linear").engines["torchvision"]
+    run = ENGINES["torchvision"].implementation(get_task("imagenet_linear").recipe)
     ctx = _ctx("imagenet_linear", data_root, tmp_path)
     m = run(_cfg("imagenet_linear", "solver.epochs=1", "solver.batch_size=8"), _weights(), ctx)
     assert set(m) == {"top1", "top5"} and (ctx.output_dir / "linear_checkpoint.pth").is_file()
@@ -159,7 +159,7 @@ def learning_signal(tmp: Path, seed: int) -> dict:
         weights = load_backbone_weights(spec, arch="resnet18")
         for task in SIGNAL_TASKS:
             ctx = _ctx(task, tmp / "data", tmp / name, seed=seed)
-            out[f"{name}_{task}"] = get_task(task).engines["torchvision"](_cfg(task), weights, ctx)["top1"]
+            out[f"{name}_{task}"] = ENGINES["torchvision"].implementation(get_task(task).recipe)(_cfg(task), weights, ctx)["top1"]
     return out
 
 

@@ -8,10 +8,9 @@ import pytest
 
 from pretrain.utils.config import ConfigError, load_config, protocol_hash
 from transfer.cli import main
-from transfer.registry import TASKS, get_task, load_builtin_tasks
+from transfer.registry import ENGINES, TASKS, get_task
 from transfer.runner import config_path, route_overrides
 
-load_builtin_tasks()
 
 # further shrinks of each task's smoke preset, so that every registered task runs in a few seconds
 DETECTION_TINY = ["solver.iterations=2", "solver.batch_size=2", "precise_bn.num_iters=1", "input.min_size_train=[64]",
@@ -90,7 +89,7 @@ def test_cli_refusals_are_one_clear_line(tmp_path, capsys):
 
 
 # (a Detectron2-only task runs its smoke preset in tests/transfer/test_densepose.py)
-@pytest.mark.parametrize("task", sorted(t for t in TASKS if "torchvision" in TASKS[t].supported_engines))
+@pytest.mark.parametrize("task", sorted(t for t in TASKS if TASKS[t].recipe in ENGINES["torchvision"].recipes))
 def test_every_task_runs_its_smoke_preset_on_its_synthetic_data(task, tmp_path):
     """Every registered task: a spec, both presets, a synthetic-data maker, and a smoke run that writes
     metrics.json with its headline metrics; a rerun with other run settings continues (skips) it."""

@@ -43,11 +43,9 @@ def _fine(cfg, weights, ctx):
 def _worker(rank: int, world: int, port: int, out: str, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from transfer.registry import load_builtin_tasks
     from transfer.runner import SuiteOptions, run_suite
     from transfer.weights.resolve import load_backbone_weights
 
-    load_builtin_tasks()
     knn = TASKS["imagenet_knn"]
     for name, fn in (("_fail_train", _train), ("_fail_eval", _eval), ("_after", _fine)):
         register_task(TaskSpec(name=name, family="classification", schema=knn.schema, config_file=knn.config_file,

@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image
 from test_report import write_trial  # noqa: E402  (tests/transfer is on sys.path under pytest)
 
-from transfer.registry import TASKS, load_builtin_tasks
+from transfer.registry import TASKS
 from transfer.report import write_tables
 from transfer.report.reference import read_reference_csv
 
@@ -160,7 +160,6 @@ def test_engines_failed_missing_and_not_run_render_distinctly(tmp_path: Path):
 
 
 def test_published_rows_once_per_protocol(tmp_path: Path, monkeypatch):
-    load_builtin_tasks()
     # a second task with voc07_det's very protocol mapping (e.g. a plug-in's variant of the task)
     copy = dataclasses.replace(TASKS["voc07_det"], name="voc07_det_copy",
                                published=tuple(dataclasses.replace(m, task="voc07_det") for m in TASKS["voc07_det"].published))

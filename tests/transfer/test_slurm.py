@@ -40,9 +40,8 @@ def test_per_trial_jobs(tmp_path, capsys):
 
 
 def test_all_tasks_submits_only_what_an_engine_here_can_run(tmp_path, capsys):
-    from transfer.registry import load_builtin_tasks, task_order
+    from transfer.registry import task_order
 
-    load_builtin_tasks()
     assert main(["--weights", "random", "--tasks", "all", "--output", str(tmp_path), "--launcher", "slurm",
                  "--engine", "torchvision", "--dry-run"]) == 0
     captured = capsys.readouterr()

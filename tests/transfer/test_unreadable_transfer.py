@@ -27,17 +27,16 @@ from transfer.data.synthetic.coco import make_coco
 from transfer.data.synthetic.voc import make_vocdevkit
 from transfer.data.synthetic.voc_seg import make_voc_seg
 from transfer.data.voc import VOC_CLASSES, VOCDetection, load_voc_records
-from transfer.data.voc_seg import load_voc_seg_records
+from transfer.data.voc_seg import VOC_SEG, load_voc_seg_records
 from transfer.engines.torchvision.detection.coco import evaluate_coco
 from transfer.engines.torchvision.detection.voc import evaluate_voc
 from transfer.engines.torchvision.segmentation.data import SemSegDataset
-from transfer.engines.torchvision.segmentation.semseg import DATASETS, evaluate_semseg
+from transfer.engines.torchvision.segmentation.semseg import evaluate_semseg
 from transfer.evaluation.voc import VOCDetectionEvaluator
-from transfer.registry import get_task, load_builtin_tasks
+from transfer.registry import get_task
 from transfer.runner import config_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-load_builtin_tasks()
 
 
 def _truncate(path) -> None:
@@ -172,7 +171,7 @@ def voc_seg(tmp_path):
 
 def test_semseg_training_stands_in_for_an_unreadable_image_or_label(voc_seg):
     records = load_voc_seg_records(voc_seg, "train_aug")
-    read = DATASETS["voc_semseg"].read_label
+    read = VOC_SEG.read_label
     _truncate(records[0]["sem_seg_file_name"])  # a corrupt label PNG
     with count_unreadable(0.5) as scope:
         ds = SemSegDataset(records, read, (0, 0, 0), (1, 1, 1), train=True, crop_size=24)
@@ -188,7 +187,7 @@ def test_semseg_evaluation_counts_the_pixels_of_an_unreadable_image_as_missed(vo
     """Perfect predictions for the readable images; an unreadable image's labelled pixels are false negatives
     (IoU_c = TP_c / (TP_c + missed_c), by hand); a sample with an unreadable label has nothing to score."""
     records = load_voc_seg_records(voc_seg, "val")
-    data = DATASETS["voc_semseg"]
+    data = VOC_SEG
     num_classes = len(data.classes)
     cfg = load_config(get_task("voc_semseg").schema, config_path(get_task("voc_semseg"), "full"),
                       ["data.num_workers=0", "input.test_flip=false"])

@@ -19,6 +19,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from transfer.data.formats import SemSegFormat
+
 GT_KINDS = ("labelIds", "labelTrainIds", "instanceIds", "polygons")
 _NAME = re.compile(r"^([^_]+)_(\d+)_(\d+)_leftImg8bit\.png$")  # cityscapesscripts' getCsFileInfo: no "_" in city
 
@@ -122,3 +124,8 @@ def read_train_ids(record: dict) -> np.ndarray:
         raise CityscapesDataError(f"cannot read {path}: {e}; {EXPECTED_LAYOUT}") from None
     lut = record.get("label_lut")
     return label if lut is None else lut[label]
+
+
+# cityscapesscripts' class IoU: the mean over classes with TP + FP + FN > 0
+CITYSCAPES_SEMSEG = SemSegFormat("cityscapes_fine", load_cityscapes_semseg, read_train_ids, CITYSCAPES_CLASSES,
+                                 "gt_or_pred")

@@ -29,6 +29,8 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from pretrain.data.folder import unreadable_tracker
+from transfer.data.checks import DATASET_SIZES
+from transfer.data.formats import COCOFormat
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,20 @@ class COCODataError(RuntimeError):
     """The COCO data is missing or malformed; the message names the file and the expected layout."""
 
 
+_COCO_SOURCE = ("download annotations_trainval2017.zip and {split}2017.zip (cocodataset.org) and extract them "
+                "in <data_root>/coco")
+COCO_SIZES = {"train": DATASET_SIZES["coco_train2017"], "val": DATASET_SIZES["coco_val2017"]}
+COCO_INSTANCES = COCOFormat("coco_instances", "coco", "annotations/instances_{split}2017.json", "{split}2017",
+                            sizes=COCO_SIZES, source=_COCO_SOURCE, title="COCO",
+                            expected_layout=COCO_EXPECTED_LAYOUT)
+COCO_KEYPOINTS = COCOFormat("coco_keypoints", "coco", "annotations/person_keypoints_{split}2017.json",
+                            "{split}2017", keypoints=True, sizes=COCO_SIZES, source=_COCO_SOURCE,
+                            title="COCO", expected_layout=COCO_EXPECTED_LAYOUT)
+
+
 def coco_paths(data_root: Path, split: str, keypoints: bool = False) -> Tuple[Path, Path]:
-    """``(json_file, image_root)`` of a split (``"train"``/``"val"``) in the standard layout."""
-    coco = Path(data_root) / "coco"
-    kind = "person_keypoints" if keypoints else "instances"
-    return coco / "annotations" / f"{kind}_{split}2017.json", coco / f"{split}2017"
+    """``(json_file, image_root)`` of a COCO 2017 split (``"train"``/``"val"``) in the standard layout."""
+    return (COCO_KEYPOINTS if keypoints else COCO_INSTANCES).paths(data_root, split)
 
 
 def _error(json_file: Path, what: str) -> COCODataError:

@@ -20,6 +20,8 @@ from typing import List
 import numpy as np
 from PIL import Image
 
+from transfer.data.formats import SemSegFormat
+
 VOC_SEG_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -122,3 +124,8 @@ def build_train_aug(data_root: Path, sbd_dir: Path, expected: int = TRAIN_AUG_SI
         Image.fromarray(read_sbd_mask(sbd / "cls" / f"{image_id}.mat")).save(out / f"{image_id}.png")
     (seg / "train_aug.txt").write_text("\n".join(train_aug) + "\n")
     return seg / "train_aug.txt"
+
+
+# Detectron2's SemSegEvaluator averages over the classes present in the ground truth
+VOC_SEG = SemSegFormat("voc2012_seg", load_voc_seg_records, lambda r: read_label_png(r["sem_seg_file_name"]),
+                       VOC_SEG_CLASSES, "gt")

@@ -1,16 +1,6 @@
-"""Transfer engines: ``torchvision`` (built in, always there) and ``detectron2`` (when it imports).
-
-An engine is a folder that registers its implementation of tasks with
-:func:`transfer.registry.register_engine` when imported; :func:`load_engines` imports every engine that
-can run here. Task specs (``transfer/tasks/``) say what is measured; engines say how.
+"""Transfer engines: one package each (``torchvision``: built in, always there; ``detectron2``: the reference
+implementation, when ``import detectron2`` works). A package's ``__init__`` registers its
+:class:`transfer.registry.Engine` (what it implements, whether it can run here, what it refuses);
+:mod:`transfer.plugins` imports every package here. Task specs (``transfer/tasks/``) say what is measured;
+engines say how.
 """
-from __future__ import annotations
-
-
-def load_engines() -> None:
-    """Import the built-in engine, and the Detectron2 engine where ``import detectron2`` works."""
-    import transfer.engines.torchvision  # noqa: F401  (registration side effect; imported once)
-    from transfer.engines import detectron2
-
-    if detectron2.available():
-        detectron2.register()

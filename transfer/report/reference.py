@@ -14,7 +14,8 @@ from typing import Iterable, List, Optional, Tuple
 
 import pandas as pd
 
-from transfer.registry import TASKS, load_builtin_tasks
+from transfer.plugins import load_plugins
+from transfer.registry import TASKS
 
 REFERENCE_CSV = Path(__file__).resolve().parents[2] / "results" / "reference" / "moco_published.csv"
 
@@ -112,7 +113,7 @@ def load_reference(tasks: Iterable[str], csv_path: Path = REFERENCE_CSV) -> pd.D
     v1 Table 2) is kept once, from the first table listed in the mapping.
     """
     raw = read_reference_csv(csv_path)
-    load_builtin_tasks()
+    load_plugins()
     out: List[dict] = []
     for task, m in ((t, m) for t in tasks if t in TASKS for m in TASKS[t].published):
         sel = raw[(raw["task"] == (m.task or task)) & (raw["backbone"] == m.backbone)
@@ -165,6 +166,6 @@ def reference_rows(ref: pd.DataFrame) -> List[Tuple[str, str, pd.DataFrame]]:
 
 def reference_note(task: str) -> Optional[str]:
     """The caveats of ``task``'s published rows, if any."""
-    load_builtin_tasks()
+    load_plugins()
     notes = [m.note for m in (TASKS[task].published if task in TASKS else ()) if m.note]
     return "; ".join(notes) or None

@@ -17,7 +17,8 @@ from typing import Dict, List, Optional, Tuple
 
 import pandas as pd
 
-from transfer.registry import FAMILY_ORDER, TASKS, load_builtin_tasks, task_order
+from transfer.plugins import load_plugins
+from transfer.registry import FAMILY_ORDER, TASKS, task_order
 from transfer.report.load import PROTOCOL_FIELDS
 from transfer.report.reference import reference_note, reference_rows, reference_where
 from transfer.report.stats import Summary, _diff_fields, describe_protocol
@@ -107,7 +108,7 @@ def table_metrics(task: str, metrics) -> list:
     """The columns of ``task``: its spec's headline metrics (the paper's columns, in its order) among
     those reported; anything else an engine returns (final_loss, weight_decay, kNN sweep entries) goes to
     tables.csv only. A task that is not registered here (an old result) shows everything it reported."""
-    load_builtin_tasks()
+    load_plugins()
     spec = TASKS.get(task)
     shown = [m for m in (spec.metrics if spec else ()) if m in set(metrics)]
     return shown or sorted(metrics)
@@ -223,7 +224,7 @@ def build_tables(summary: Summary, ref: Optional[pd.DataFrame], notes: Footnotes
 
     ``run_ids`` maps (task, weights, protocol) to the anchor of that row's entry in the run list.
     """
-    load_builtin_tasks()
+    load_plugins()
     groups = summary.groups
     tables, shown_published = [], {}
     for family in ordered(groups["family"].unique(), FAMILY_ORDER):

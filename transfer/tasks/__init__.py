@@ -1,2 +1,2 @@
-"""Importing this package registers every built-in task (see ``transfer.registry``)."""
-from transfer.tasks import cityscapes_instseg, coco, densepose, imagenet, lvis, semseg, voc_det  # noqa: F401
+"""The built-in task specs: every module here registers its tasks when imported (:mod:`transfer.plugins`
+imports them all; see ``transfer.registry``)."""

@@ -54,7 +54,7 @@ class CityscapesInstSegConfig:
 def check_data(data_root: Path, cfg: CityscapesInstSegConfig, quick: bool):
     """The dataset doctor's check (``transfer.doctor``): the scanned images of each split, their
     ``*_gtFine_instanceIds.png``, the split sizes."""
-    from transfer import doctor as d
+    from transfer.data import checks as d
     from transfer.data.cityscapes import EXPECTED_LAYOUT, CityscapesDataError, cityscapes_dir, scan_cityscapes
 
     report = d.DataReport("cityscapes", EXPECTED_LAYOUT)
@@ -93,4 +93,5 @@ register_task(TaskSpec(
                              note="MoCo states no Cityscapes instance recipe; this suite runs Detectron2's "
                                   "Cityscapes schedule from the pretrained backbone (not from a COCO-trained "
                                   "detector, as Detectron2's config does)"),),
+    recipe="cityscapes_instseg", engine_configs={"detectron2": "cityscapes_instseg_R_50_FPN.yaml"},
     protocol_trials=1))

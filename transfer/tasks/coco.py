@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import Any, Callable, List
 
 from pretrain.utils.config import run_setting
+from transfer.data.coco import COCO_INSTANCES, COCO_KEYPOINTS
+from transfer.data.formats import COCOFormat
 from transfer.registry import PublishedRows, TaskSpec, register_task
 from transfer.tasks.detection import (C4Config, FPNConfig, InputConfig, KeypointHeadConfig, MaskHeadConfig,
                                       PrecisionConfig, PreciseBNConfig, SolverConfig)
@@ -98,41 +100,38 @@ def make_synthetic(data_root: Path) -> None:
         make_coco(Path(data_root), seed=0, **SYNTHETIC)
 
 
-def _check_coco(data_root: Path, cfg, quick: bool, keypoints: bool):
-    """The dataset doctor's check (``transfer.doctor``): each split's json through the reader's validation,
-    the images it names, the split sizes."""
-    from transfer import doctor as d
-    from transfer.data.coco import COCO_EXPECTED_LAYOUT, COCODataError, coco_paths, validate_coco
+def check_coco_format(dataset: COCOFormat) -> Callable[[Path, Any, bool], Any]:
+    """The dataset doctor's check of a COCO-format dataset (``TaskSpec.check_data``): each split's json through
+    the reader's validation, the images it names, the split sizes."""
+    def check(data_root: Path, cfg, quick: bool):
+        from transfer.data import checks as d
+        from transfer.data.coco import COCODataError, validate_coco
 
-    report = d.DataReport("coco", COCO_EXPECTED_LAYOUT)
-    for split in (*cfg.data.train_splits, cfg.data.test_split):
-        json_file, image_root = coco_paths(data_root, split, keypoints=keypoints)
-        what = f"COCO {json_file.stem}"
-        get = (f"download annotations_trainval2017.zip and {split}2017.zip (cocodataset.org) and extract them in "
-               f"{Path(data_root) / 'coco'}")
-        data = d.check_json(report, what, json_file, get)
-        if data is None:
-            continue
-        try:
-            validate_coco(json_file, data)
-        except COCODataError as e:
-            report.add(what, d.MALFORMED, str(e).split("; expected")[0], f"replace the file ({get})")
-            continue
-        d.check_listed_images(report, what, [image_root / im["file_name"] for im in data["images"]],
-                              d.DATASET_SIZES.get(f"coco_{split}2017"), get, quick, str(image_root))
-    return report
+        report = d.DataReport(dataset.title or dataset.name, dataset.layout)
+        for split in (*cfg.data.train_splits, cfg.data.test_split):
+            json_file, image_root = dataset.paths(data_root, split)
+            what = f"{dataset.title or dataset.name} {json_file.stem}"
+            get = dataset.source.format(split=split).replace("<data_root>", str(data_root)) or \
+                f"put the dataset under {Path(data_root) / dataset.folder}"
+            data = d.check_json(report, what, json_file, get)
+            if data is None:
+                continue
+            try:
+                validate_coco(json_file, data)
+            except COCODataError as e:
+                report.add(what, d.MALFORMED, str(e).split("; expected")[0], f"replace the file ({get})")
+                continue
+            d.check_listed_images(report, what, [image_root / im["file_name"] for im in data["images"]],
+                                  dataset.sizes.get(split), get, quick, str(image_root))
+        return report
 
-
-def check_instances(data_root: Path, cfg, quick: bool):
-    return _check_coco(data_root, cfg, quick, keypoints=False)
-
-
-def check_keypoints(data_root: Path, cfg, quick: bool):
-    return _check_coco(data_root, cfg, quick, keypoints=True)
+    return check
 
 
 _BOX_MASK = ("APbb", "APbb50", "APbb75", "APmk", "APmk50", "APmk75")  # Table 5's columns
 _KEYPOINT = ("APkp", "APkp50", "APkp75")  # Table 6's keypoint columns
+_D2_YAML = {"coco_c4_1x": "coco_R_50_C4_1x.yaml", "coco_c4_2x": "coco_R_50_C4_2x.yaml",
+            "coco_fpn_1x": "coco_R_50_FPN_1x.yaml", "coco_fpn_2x": "coco_R_50_FPN_2x.yaml"}
 _INSTANCES = ("coco/annotations/instances_{train,val}2017.json", "coco/train2017", "coco/val2017")
 _KEYPOINTS = ("coco/annotations/person_keypoints_{train,val}2017.json", "coco/train2017", "coco/val2017")
 
@@ -149,7 +148,8 @@ for _name, _schema, _file, _table, _backbone, _desc in (
     register_task(TaskSpec(
         name=_name, family="instance_segmentation", schema=_schema, config_file=_file, metrics=_BOX_MASK,
         datasets=_INSTANCES, description=_desc, effective=effective, make_synthetic=make_synthetic,
-        check_data=check_instances,
+        recipe="coco_rcnn", dataset=COCO_INSTANCES, check_data=check_coco_format(COCO_INSTANCES),
+        engine_configs={"detectron2": _D2_YAML[_name]},
         # MoCo v1 Table 5 (a/b: R50-FPN 1x/2x, c/d: R50-C4 1x/2x)
         published=(PublishedRows(_backbone, (_table,), {m: m for m in _BOX_MASK}),),
         protocol_trials=1))
@@ -157,7 +157,8 @@ for _name, _schema, _file, _table, _backbone, _desc in (
 register_task(TaskSpec(
     name="coco_keypoints", family="keypoints", schema=COCOKeypointConfig, config_file="coco_keypoints.yaml",
     metrics=_KEYPOINT, datasets=_KEYPOINTS, effective=effective, make_synthetic=make_synthetic,
-    check_data=check_keypoints,
+    recipe="coco_rcnn", dataset=COCO_KEYPOINTS, check_data=check_coco_format(COCO_KEYPOINTS),
+    engine_configs={"detectron2": "keypoint_rcnn_R_50_FPN_2x.yaml"},
     description="Keypoint R-CNN R50-FPN on COCO person keypoints train2017 -> val2017, 2x (180k iters)",
     published=(PublishedRows("KeypointRCNN_R50-FPN", ("Table6",), {m: m for m in _KEYPOINT}),),
     protocol_trials=1))

@@ -9,7 +9,7 @@ segmentation, loss weights I 2.0 / parts 0.3 / UV 0.1, no decoder; the box head 
 other FPN tasks: BN trained and synchronised in backbone and FPN, all layers trained, PreciseBN. Data: the
 2014 DensePose splits, train2014 + valminusminival2014 -> minival2014 (image-wise COCO 2017 train/val).
 Metric: DensePose's GPS-based AP, AP50, AP75 (the only AP the 2019 evaluator had) as ``APdp*``.
-The built-in engine has no DensePose R-CNN: ``supported_engines=("detectron2",)``. One trial (not stated).
+The built-in engine has no DensePose R-CNN: only the Detectron2 engine implements its recipe. One trial (not stated).
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def make_synthetic(data_root: Path) -> None:
 def check_data(data_root: Path, cfg, quick: bool):
     """The dataset doctor's check (``transfer.doctor``): each split's json through the DensePose checks,
     the images it names, the split sizes."""
-    from transfer import doctor as d
+    from transfer.data import checks as d
     from transfer.data.densepose import DENSEPOSE_EXPECTED_LAYOUT, DensePoseDataError, densepose_paths, \
         validate_densepose
 
@@ -118,4 +118,5 @@ register_task(TaskSpec(
     description="DensePose R-CNN R50-FPN s1x (legacy) on DensePose COCO 2014 train+valminusminival -> minival "
                 "(130k iters), GPS AP; Detectron2 engine only",
     published=(PublishedRows("DensePoseRCNN_R50-FPN", ("Table6",), {m: m for m in _DENSEPOSE}),),
-    protocol_trials=1, supported_engines=("detectron2",), install_hint=INSTALL_HINT))
+    recipe="densepose_rcnn", engine_configs={"detectron2": "densepose_rcnn_R_50_FPN_s1x_legacy.yaml"},
+    protocol_trials=1, install_hint=INSTALL_HINT))

@@ -113,7 +113,7 @@ def _make_synthetic(data_root: Path) -> None:
 def _check_data(data_root: Path, cfg: Any, quick: bool):
     """The dataset doctor's check of ``<data_root>/<data.root>/{train,val}/<wnid>/`` (``transfer.doctor``)."""
     from pretrain.data.folder import LAYOUT
-    from transfer import doctor as d
+    from transfer.data import checks as d
 
     root = Path(data_root) / cfg.data.root
     report = d.DataReport("imagenet", LAYOUT.replace("ROOT", str(root)) + ", and val/ the same way")
@@ -147,4 +147,4 @@ for _name, _schema, _file, _eff, _published, _desc in (
     register_task(TaskSpec(name=_name, family="classification", schema=_schema, config_file=_file,
                            metrics=("top1", "top5"), datasets=("imagenet/train", "imagenet/val"),
                            description=_desc, effective=_eff, make_synthetic=_make_synthetic, check_data=_check_data,
-                           published=_published))
+                           published=_published, recipe=_name))

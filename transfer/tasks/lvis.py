@@ -74,7 +74,7 @@ def make_synthetic(data_root: Path) -> None:
 def check_data(data_root: Path, cfg: LVISConfig, quick: bool):
     """The dataset doctor's check (``transfer.doctor``): both LVIS jsons through the reader's validation, the
     images their ``coco_url`` names, the split sizes."""
-    from transfer import doctor as d
+    from transfer.data import checks as d
     from transfer.data.lvis import LVIS_EXPECTED_LAYOUT, LVISDataError, image_file, lvis_paths, validate_lvis
 
     report = d.DataReport("lvis", LVIS_EXPECTED_LAYOUT)
@@ -115,7 +115,8 @@ for _name, _iters, _steps in (("lvis_v0.5_1x", 90000, [60000, 80000]), ("lvis_v0
     register_task(TaskSpec(
         name=_name, family="instance_segmentation", config_file=f"{_name}.yaml", metrics=_MASK, datasets=_DATASETS,
         schema=LVISConfig, effective=effective, make_synthetic=make_synthetic, check_data=check_data,
-        published=(_PUBLISHED[_name],),
+        published=(_PUBLISHED[_name],), recipe="lvis_rcnn",
+        engine_configs={"detectron2": f"lvis_v0.5_R_50_FPN_{_name[-2:]}.yaml"},
         description=f"Mask R-CNN R50-FPN on LVIS v0.5 train -> val, {_name[-2:]} ({_iters // 1000}k iters), "
                     "repeat-factor sampling, federated AP",
         protocol_trials=5))  # "all are averages of 5 trials" (App. A.4)

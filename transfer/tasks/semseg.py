@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Dict, List
 
 from pretrain.utils.config import run_setting
+from transfer.data.cityscapes import CITYSCAPES_SEMSEG
+from transfer.data.voc_seg import VOC_SEG
 from transfer.registry import PublishedRows, TaskSpec, register_task
 from transfer.tasks.detection import PrecisionConfig
 
@@ -104,7 +106,7 @@ def make_synthetic_cityscapes(data_root: Path) -> None:
 def _check_semseg(data_root: Path, cfg: SemSegConfig, quick: bool, voc: bool):
     """The dataset doctor's check (``transfer.doctor``): each split through the reader (list, images, label
     PNGs), the split sizes, a sample of images decoded."""
-    from transfer import doctor as d
+    from transfer.data import checks as d
 
     if voc:
         from transfer.data.voc_seg import EXPECTED_LAYOUT, VOCSegDataError as DataError, load_voc_seg_records as load
@@ -151,13 +153,16 @@ _PUBLISHED = {
     "cityscapes_semseg": PublishedRows(_BACKBONE, ("Table6",), {"mIoU": "mIoU"}),
 }
 
-for _name, _file, _sets, _make, _check, _desc in (
-    ("voc_semseg", "voc_semseg.yaml", ("VOCdevkit/VOC2012",), make_synthetic_voc, check_voc,
+for _name, _file, _sets, _data, _d2, _make, _check, _desc in (
+    ("voc_semseg", "voc_semseg.yaml", ("VOCdevkit/VOC2012",), VOC_SEG, "voc_semseg_R_50_FCN16s.yaml",
+     make_synthetic_voc, check_voc,
      "FCN-16s R50 (dilated res5) on VOC2012 train_aug -> val, crop 513, 30k iters"),
-    ("cityscapes_semseg", "cityscapes_semseg.yaml", ("cityscapes",), make_synthetic_cityscapes, check_cityscapes,
+    ("cityscapes_semseg", "cityscapes_semseg.yaml", ("cityscapes",), CITYSCAPES_SEMSEG,
+     "cityscapes_semseg_R_50_FCN16s.yaml", make_synthetic_cityscapes, check_cityscapes,
      "FCN-16s R50 (dilated res5) on Cityscapes train_fine -> val, crop 769, 90k iters"),
 ):
     register_task(TaskSpec(name=_name, family="semantic_segmentation", schema=SemSegConfig, config_file=_file,
                            metrics=("mIoU",), datasets=_sets, description=_desc, effective=effective,
                            make_synthetic=_make, check_data=_check, published=(_PUBLISHED[_name],),
+                           recipe="fcn_semseg", dataset=_data, engine_configs={"detectron2": _d2},
                            protocol_trials=5))  # "averages over 5 trials" (App. A.5)

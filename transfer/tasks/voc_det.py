@@ -68,7 +68,7 @@ _VOC_DOWNLOAD = {
 
 def check_data(data_root: Path, cfg: VOCDetConfig, quick: bool):
     """The dataset doctor's check of every VOC set the task reads (``transfer.doctor``), through the reader."""
-    from transfer import doctor as d
+    from transfer.data import checks as d
     from transfer.data.voc import (EXPECTED_LAYOUT, VOCDataError, parse_annotation, parse_set_name, read_image_ids,
                                    voc_dir)
 
@@ -131,6 +131,9 @@ _PUBLISHED = {
     "voc07_det": PublishedRows("FasterRCNN_R50-C4", ("Table4",), _VOC_METRICS),
 }
 
+# MoCo's Detectron2 configs (configs/detectron2/): R50-C4, 24k iterations (VOC07+12) or 9k (VOC07)
+_D2_YAML = {"voc0712_det": "voc_det_R_50_C4_24k.yaml", "voc07_det": "voc_det_R_50_C4_9k.yaml"}
+
 for _name, _file, _sets, _desc in (
     ("voc0712_det", "voc0712_det.yaml", ("VOCdevkit/VOC2007", "VOCdevkit/VOC2012"),
      "Faster R-CNN R50-C4 on VOC07+12 trainval -> VOC07 test, 24k iters"),
@@ -140,5 +143,6 @@ for _name, _file, _sets, _desc in (
     register_task(TaskSpec(name=_name, family="detection", schema=VOCDetConfig, config_file=_file,
                            metrics=("AP50", "AP", "AP75"), datasets=_sets, description=_desc,
                            effective=effective, make_synthetic=make_synthetic, check_data=check_data,
-                           published=(_PUBLISHED[_name],),
+                           published=(_PUBLISHED[_name],), recipe="voc_detection",
+                           engine_configs={"detectron2": _D2_YAML[_name]},
                            protocol_trials=5))  # "mean of 5 trials" (MoCo, Sec. 4.2 / detection README)

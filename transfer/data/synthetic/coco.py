@@ -16,11 +16,14 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image, ImageDraw
+
+from transfer.data.coco import COCO_INSTANCES, COCO_KEYPOINTS
+from transfer.data.formats import COCOFormat
 
 # COCO's person category: its 17 keypoint names in order and its skeleton (1-based), from the COCO json format
 PERSON_KEYPOINTS = (
@@ -170,9 +173,8 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
     return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
 
 
-def _write_split(root: Path, split: str, count: int, first_image_id: int, ann_id: int, rng: random.Random,
+def _write_split(image_dir: Path, split: str, count: int, first_image_id: int, ann_id: int, rng: random.Random,
                  image_size: Tuple[int, int], max_objects: int, crowd_prob: float) -> Tuple[dict, dict, int]:
-    image_dir = root / f"{split}2017"
     image_dir.mkdir(parents=True, exist_ok=True)
     width, height = image_size
     images, anns, kp_anns = [], [], []
@@ -235,19 +237,33 @@ def _write_split(root: Path, split: str, count: int, first_image_id: int, ann_id
 def make_coco(root: Path, *, seed: int = 0, num_train: int = 64, num_val: int = 16,
               image_size: Tuple[int, int] = (160, 128), max_objects: int = 3, crowd_prob: float = 0.25,
               splits: Optional[Sequence[str]] = None) -> Path:
-    """Write ``root/coco/{annotations,train2017,val2017}``; ``image_size`` is (width, height). Returns ``root/coco``.
+    """Write ``root/coco/{annotations,train2017,val2017}`` (instances and person keypoints); ``image_size`` is
+    (width, height). Returns ``root/coco``.
 
     Each image holds 1..``max_objects`` non-overlapping objects (fewer when they do not fit), so the
     drawn pixels of an object are exactly its mask.
     """
-    coco = Path(root) / "coco"
-    (coco / "annotations").mkdir(parents=True, exist_ok=True)
+    make_coco_format(root, COCO_INSTANCES, seed=seed, counts={"train": num_train, "val": num_val},
+                     image_size=image_size, max_objects=max_objects, crowd_prob=crowd_prob, splits=splits,
+                     keypoints_dataset=COCO_KEYPOINTS)
+    return Path(root) / COCO_INSTANCES.folder
+
+
+def make_coco_format(root: Path, dataset: COCOFormat, *, counts: Dict[str, int], seed: int = 0,
+                     image_size: Tuple[int, int] = (160, 128), max_objects: int = 3, crowd_prob: float = 0.25,
+                     splits: Optional[Sequence[str]] = None, keypoints_dataset: Optional[COCOFormat] = None) -> None:
+    """Write a synthetic dataset in COCO's format where ``dataset`` declares it (``counts``: images per split,
+    the splits in that order unless ``splits`` is given), with the person keypoints beside it when
+    ``keypoints_dataset`` is given. Any COCO-format task's ``make_synthetic`` is this one call."""
     rng = random.Random(seed)
     ann_id = 1
-    counts = {"train": num_train, "val": num_val}
-    for i, split in enumerate(splits or ("train", "val")):
-        instances, keypoints, ann_id = _write_split(coco, split, counts[split], 100 + 100000 * i, ann_id, rng,
+    for i, split in enumerate(splits or tuple(counts)):
+        json_file, image_dir = dataset.paths(root, split)
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        instances, keypoints, ann_id = _write_split(image_dir, split, counts[split], 100 + 100000 * i, ann_id, rng,
                                                     image_size, max_objects, crowd_prob)
-        (coco / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(instances))
-        (coco / "annotations" / f"person_keypoints_{split}2017.json").write_text(json.dumps(keypoints))
-    return coco
+        json_file.write_text(json.dumps(instances))
+        if keypoints_dataset is not None:
+            kp_file = keypoints_dataset.paths(root, split)[0]
+            kp_file.parent.mkdir(parents=True, exist_ok=True)
+            kp_file.write_text(json.dumps(keypoints))

@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional, Sequence
 from detectron2.config import CfgNode, get_cfg
 
 from transfer.context import TrialContext
+from transfer.engines.detectron2 import basic_block_refusal
 from transfer.engines.detectron2.keys import d2_assignments
 from transfer.weights.resolve import BackboneWeights
 
@@ -58,15 +59,13 @@ def apply_weights_overlay(cfg: CfgNode, weights: BackboneWeights) -> None:
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = bool(weights.stride_in_1x1)
     depth = int(weights.arch.replace("resnet", ""))
     cfg.MODEL.RESNETS.DEPTH = depth
-    if depth in (18, 34):  # BasicBlock ResNets: Detectron2 wants these two values
+    if depth in (18, 34):  # BasicBlock ResNets: Detectron2 wants this value
         cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-        if cfg.MODEL.RESNETS.RES5_DILATION != 1:  # the FCN-16s (Detectron2 asserts this deep in the build)
-            raise ValueError(f"{weights.arch}: Detectron2 builds R18/R34 without the res5 dilation the FCN-16s "
-                             f"needs; use a ResNet-50 or deeper, or --engine torchvision")
-        # (semantic segmentation leaves ROI_HEADS.NAME at Detectron2's default, so it is checked second)
-        if cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads":
-            raise ValueError(f"{weights.arch}: Detectron2's Res5ROIHeads (C4) builds bottleneck blocks only; "
-                             f"use a ResNet-50 or deeper, model.extra_norm=true, or --engine torchvision")
+    # (semantic segmentation leaves ROI_HEADS.NAME at Detectron2's default, so it is checked second)
+    reason = basic_block_refusal(weights.arch, cfg.MODEL.RESNETS.RES5_DILATION,
+                                 cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads")
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def apply_task_config(cfg: CfgNode, task_cfg: Any) -> Dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Callable, List
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from transfer.data.formats import COCOFormat
 from transfer.data.voc import VOC_CLASSES, load_voc_sets, parse_set_name, voc_dir
 
 
@@ -50,37 +51,38 @@ def register_voc(data_root: Path, set_name: str, use_difficult: bool = True) -> 
                      split=split, evaluator_type="pascal_voc")
 
 
-def coco_dicts(data_root: Path, split: str, keypoints: bool) -> List[dict]:
-    """Detectron2 dataset dicts of a COCO json (the suite's reader follows Detectron2's ``load_coco_json``;
+def coco_dicts(data_root: Path, dataset: COCOFormat, split: str) -> List[dict]:
+    """Detectron2 dataset dicts of a COCO-format json (the suite's reader follows Detectron2's ``load_coco_json``;
     boxes are absolute ``XYXY_ABS``, categories contiguous)."""
-    from transfer.data.coco import coco_paths, load_coco_instances
+    from transfer.data.coco import load_coco_instances
 
-    json_file, image_root = coco_paths(data_root, split, keypoints=keypoints)
-    records, _ = load_coco_instances(json_file, image_root, keypoints=keypoints)
+    json_file, image_root = dataset.paths(data_root, split)
+    records, _ = load_coco_instances(json_file, image_root, keypoints=dataset.keypoints)
     for r in records:
         for a in r["annotations"]:
             a["bbox_mode"] = BoxMode.XYXY_ABS
     return records
 
 
-def register_coco(data_root: Path, split: str, keypoints: bool, train: bool, min_keypoints: int = 1) -> str:
-    """COCO instances (or person keypoints) of ``split`` (``train``/``val``); training sets drop crowd-only
-    images (and, for keypoints, images with too few visible keypoints) as Detectron2's loader does."""
-    from transfer.data.coco import coco_paths, load_coco_instances
+def register_coco(data_root: Path, dataset: COCOFormat, split: str, train: bool, min_keypoints: int = 1) -> str:
+    """``suite_<dataset.name>_<split>[_train]``: a COCO-format split (COCO's instances or person keypoints, or
+    any dataset declared as a :class:`COCOFormat`); training sets drop crowd-only images (and, with keypoints,
+    images with too few visible keypoints) as Detectron2's loader does."""
+    from transfer.data.coco import load_coco_instances
 
     data_root = Path(data_root)
-    json_file, image_root = coco_paths(data_root, split, keypoints=keypoints)
+    keypoints = dataset.keypoints
+    json_file, image_root = dataset.paths(data_root, split)
     _, meta = load_coco_instances(json_file, image_root, keypoints=keypoints)  # fails early on a bad file
     extra = {}
     if keypoints:
         extra = {"keypoint_names": meta["keypoint_names"], "keypoint_flip_map": meta["keypoint_flip_map"]}
-    kind = "keypoints" if keypoints else "instances"
-    name = f"suite_coco_{kind}_{split}" + ("_train" if train else "")
+    name = f"suite_{dataset.name}_{split}" + ("_train" if train else "")
 
     def load() -> List[dict]:
         from transfer.data.coco import filter_for_training
 
-        recs = coco_dicts(data_root, split, keypoints)
+        recs = coco_dicts(data_root, dataset, split)
         return filter_for_training(recs, keypoints=keypoints, min_keypoints=min_keypoints) if train else recs
 
     return register_dataset(name, load, thing_classes=meta["thing_classes"], json_file=str(json_file),

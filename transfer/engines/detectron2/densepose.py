@@ -31,9 +31,7 @@ from transfer.data.densepose import densepose_paths
 from transfer.engines.detectron2.config import build_config
 from transfer.engines.detectron2.densepose_compat import lenient_path_manager
 from transfer.engines.detectron2.detection import _finish
-from transfer.engines.detectron2.keys import TASK_YAML
 from transfer.engines.detectron2.train import train_and_evaluate
-from transfer.registry import register_engine
 from transfer.weights.resolve import BackboneWeights
 
 log = logging.getLogger(__name__)
@@ -124,7 +122,7 @@ def run_densepose(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict
     require_smpl_files()
     train = [register_densepose(ctx.data_root, s) for s in cfg.data.train_splits]
     test = register_densepose(ctx.data_root, cfg.data.test_split)
-    cfg_d2 = build_config(TASK_YAML[ctx.task], cfg, weights, ctx, train, [test], cfg.data.num_workers)
+    cfg_d2 = build_config(ctx.engine_config, cfg, weights, ctx, train, [test], cfg.data.num_workers)
     out_dir = str(Path(ctx.output_dir) / "d2_inference")
     if comm.is_main_process():
         os.makedirs(out_dir, exist_ok=True)
@@ -147,7 +145,3 @@ def run_densepose(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict
     if not run:
         return {}
     return _finish(densepose_metrics(run["results"]), run, cfg_d2, ctx)
-
-
-def register() -> None:
-    register_engine("coco_densepose", "detectron2")(run_densepose)

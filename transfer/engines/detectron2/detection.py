@@ -1,7 +1,7 @@
 """VOC and COCO R-CNN tasks on Detectron2: MoCo's configs, Detectron2's evaluators, the suite's metric names.
 
 ``voc0712_det`` / ``voc07_det``: ``voc_det_R_50_C4_24k.yaml``, ``PascalVOCDetectionEvaluator`` -> AP, AP50, AP75.
-``coco_c4_*`` / ``coco_fpn_*`` / ``coco_keypoints``: ``COCOEvaluator`` -> APbb*, APmk*, APkp* (and the
+``coco_c4_*`` / ``coco_fpn_*`` / ``coco_keypoints`` (and any COCO-format dataset): ``COCOEvaluator`` -> APbb*, APmk*, APkp* (and the
 small/medium/large breakdowns, which go to tables.csv).
 """
 from __future__ import annotations
@@ -17,16 +17,15 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator
 from transfer.context import TrialContext
 from transfer.engines.detectron2 import datasets
 from transfer.engines.detectron2.config import build_config, effective_values
-from transfer.engines.detectron2.keys import TASK_YAML
+from transfer.engines.detectron2.modeling import register_modules
 from transfer.engines.detectron2.train import train_and_evaluate
-from transfer.registry import register_engine
 from transfer.weights.resolve import BackboneWeights
 
 log = logging.getLogger(__name__)
+register_modules()
 
 # Detectron2's result dict {task: {metric: value}} -> the suite's metric names (Table 5/6 columns first)
 COCO_PREFIX = {"bbox": "APbb", "segm": "APmk", "keypoints": "APkp"}
-COCO_TASKS = ("coco_c4_1x", "coco_c4_2x", "coco_fpn_1x", "coco_fpn_2x", "coco_keypoints")
 
 
 def coco_metrics(results: Dict[str, Dict[str, float]]) -> Dict[str, float]:
@@ -50,7 +49,7 @@ def _finish(metrics: Dict[str, float], run: Dict[str, Any], cfg_d2, ctx: TrialCo
 def run_voc(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     train = [datasets.register_voc(ctx.data_root, s, cfg.data.train_use_difficult) for s in cfg.data.train_splits]
     test = datasets.register_voc(ctx.data_root, cfg.data.test_split)
-    cfg_d2 = build_config(TASK_YAML[ctx.task], cfg, weights, ctx, train, [test], cfg.data.num_workers)
+    cfg_d2 = build_config(ctx.engine_config, cfg, weights, ctx, train, [test], cfg.data.num_workers)
     run = train_and_evaluate(cfg_d2, weights, ctx, PascalVOCDetectionEvaluator, log_period=cfg.log_period)
     if not run:
         return {}
@@ -58,13 +57,15 @@ def run_voc(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, 
     return _finish({"AP50": float(box["AP50"]), "AP": float(box["AP"]), "AP75": float(box["AP75"])}, run, cfg_d2, ctx)
 
 
-def _run_coco(task: str, cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
-    keypoints = task == "coco_keypoints"
+def run_coco(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
+    """Any COCO-format dataset (``ctx.dataset``, a :class:`transfer.data.formats.COCOFormat`) with the task's
+    Detectron2 YAML: Mask R-CNN C4/FPN, or Keypoint R-CNN when the dataset has keypoints."""
+    keypoints = ctx.dataset.keypoints
     min_kp = cfg.keypoint.min_keypoints_per_image if keypoints else 1
-    train = [datasets.register_coco(ctx.data_root, s, keypoints, train=True, min_keypoints=min_kp)
+    train = [datasets.register_coco(ctx.data_root, ctx.dataset, s, train=True, min_keypoints=min_kp)
              for s in cfg.data.train_splits]
-    test = datasets.register_coco(ctx.data_root, cfg.data.test_split, keypoints, train=False)
-    cfg_d2 = build_config(TASK_YAML[task], cfg, weights, ctx, train, [test], cfg.data.num_workers,
+    test = datasets.register_coco(ctx.data_root, ctx.dataset, cfg.data.test_split, train=False)
+    cfg_d2 = build_config(ctx.engine_config, cfg, weights, ctx, train, [test], cfg.data.num_workers,
                           num_classes=len(MetadataCatalog.get(train[0]).thing_classes))
 
     def evaluator(name: str) -> COCOEvaluator:
@@ -86,7 +87,7 @@ def run_lvis(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str,
 
     train = [datasets.register_lvis(ctx.data_root, s, train=True) for s in cfg.data.train_splits]
     test = datasets.register_lvis(ctx.data_root, cfg.data.test_split, train=False)
-    cfg_d2 = build_config(TASK_YAML[ctx.task], cfg, weights, ctx, train, [test], cfg.data.num_workers,
+    cfg_d2 = build_config(ctx.engine_config, cfg, weights, ctx, train, [test], cfg.data.num_workers,
                           num_classes=len(MetadataCatalog.get(train[0]).thing_classes))
 
     def evaluator(name: str) -> LVISEvaluator:
@@ -129,7 +130,7 @@ def run_cityscapes_instances(cfg: Any, weights: BackboneWeights, ctx: TrialConte
     cityscapesscripts' AP / AP50 -> APmk / APmk50."""
     train = [datasets.register_cityscapes_instances(ctx.data_root, s, train=True) for s in cfg.data.train_splits]
     test = datasets.register_cityscapes_instances(ctx.data_root, cfg.data.test_split, train=False)
-    cfg_d2 = build_config(TASK_YAML[ctx.task], cfg, weights, ctx, train, [test], cfg.data.num_workers,
+    cfg_d2 = build_config(ctx.engine_config, cfg, weights, ctx, train, [test], cfg.data.num_workers,
                           num_classes=len(MetadataCatalog.get(train[0]).thing_classes))
     meta = MetadataCatalog.get(test)
 
@@ -140,13 +141,3 @@ def run_cityscapes_instances(cfg: Any, weights: BackboneWeights, ctx: TrialConte
     if not run:
         return {}
     return _finish({k: float(v) for k, v in run["results"]["segm"].items()}, run, cfg_d2, ctx)
-
-
-def register() -> None:
-    register_engine("voc0712_det", "detectron2")(run_voc)
-    register_engine("voc07_det", "detectron2")(run_voc)
-    register_engine("cityscapes_instseg", "detectron2")(run_cityscapes_instances)
-    register_engine("lvis_v0.5_1x", "detectron2")(run_lvis)
-    register_engine("lvis_v0.5_2x", "detectron2")(run_lvis)
-    for task in COCO_TASKS:
-        register_engine(task, "detectron2")(lambda cfg, weights, ctx, _t=task: _run_coco(_t, cfg, weights, ctx))

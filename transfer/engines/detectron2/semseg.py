@@ -25,23 +25,12 @@ from transfer.context import TrialContext
 from transfer.data.semseg_sample import load_sample, scale_crop_flip
 from transfer.engines.detectron2.config import build_config
 from transfer.engines.detectron2.datasets import register_dataset
-from transfer.engines.detectron2.keys import TASK_YAML
+from transfer.engines.detectron2.modeling import register_modules
 from transfer.engines.detectron2.train import train_and_evaluate
-from transfer.registry import register_engine
 from transfer.weights.resolve import BackboneWeights
 
 log = logging.getLogger(__name__)
-
-
-def _datasets(task: str):
-    """(records loader, label reader, class names) of a task, from the suite's readers."""
-    if task == "voc_semseg":
-        from transfer.data.voc_seg import VOC_SEG_CLASSES, load_voc_seg_records, read_label_png
-
-        return load_voc_seg_records, (lambda r: read_label_png(r["sem_seg_file_name"])), VOC_SEG_CLASSES
-    from transfer.data.cityscapes import CITYSCAPES_CLASSES, load_cityscapes_semseg, read_train_ids
-
-    return load_cityscapes_semseg, read_train_ids, CITYSCAPES_CLASSES
+register_modules()
 
 
 class SemSegMapper:
@@ -96,8 +85,10 @@ class SuiteSemSegEvaluator(DatasetEvaluator):
         return {"sem_seg": self.confusion.evaluate()}
 
 
-def _run_semseg(task: str, cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
-    load, read_label, classes = _datasets(task)
+def run_semseg(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
+    """The FCN-16s on the task's dataset (``ctx.dataset``, a :class:`transfer.data.formats.SemSegFormat`)."""
+    task, data = ctx.task, ctx.dataset
+    load, read_label, classes = data.load, data.read_label, data.classes
     root = Path(ctx.data_root)
     names = {}
     for split in (*cfg.data.train_splits, cfg.data.test_split):
@@ -105,14 +96,14 @@ def _run_semseg(task: str, cfg: Any, weights: BackboneWeights, ctx: TrialContext
                                  stuff_classes=list(classes), ignore_label=cfg.input.ignore_label,
                                  evaluator_type="sem_seg")
         DatasetCatalog.get(names[split])  # a missing or malformed dataset fails here, before training
-    cfg_d2 = build_config(TASK_YAML[task], cfg, weights, ctx, [names[s] for s in cfg.data.train_splits],
+    cfg_d2 = build_config(ctx.engine_config, cfg, weights, ctx, [names[s] for s in cfg.data.train_splits],
                           [names[cfg.data.test_split]], cfg.data.num_workers)
 
     def evaluator(name: str) -> DatasetEvaluator:
-        if task == "voc_semseg":  # labels read as stored indices by Detectron2's evaluator too
+        if data.mean_over == "gt":  # Detectron2's own mean (VOC), labels read as stored indices by it too
             return SemSegEvaluator(name, distributed=True, output_dir=str(ctx.output_dir / "d2_inference"))
         return SuiteSemSegEvaluator(DatasetCatalog.get(name), read_label, classes, cfg.input.ignore_label,
-                                    "gt_or_pred")
+                                    data.mean_over)
 
     run = train_and_evaluate(cfg_d2, weights, ctx, evaluator, log_period=cfg.log_period,
                              train_mapper=SemSegMapper(cfg_d2, read_label, train=True),
@@ -125,8 +116,3 @@ def _run_semseg(task: str, cfg: Any, weights: BackboneWeights, ctx: TrialContext
     if run.get("final_loss") is not None:
         metrics["final_loss"] = run["final_loss"]
     return metrics
-
-
-def register() -> None:
-    for task in ("voc_semseg", "cityscapes_semseg"):
-        register_engine(task, "detectron2")(lambda cfg, weights, ctx, _t=task: _run_semseg(_t, cfg, weights, ctx))

@@ -25,7 +25,6 @@ from transfer.engines.torchvision.classification.linear import (EpochSamples, Re
                                                                  attach_linear_head, backbone_digest,
                                                                  probe_with_wd_sweep, train_linear)
 from transfer.engines.torchvision.trial_checkpoint import trial_protocol
-from transfer.registry import register_engine
 from transfer.tasks.imagenet import FastLinearTaskConfig, ImageNetDataConfig, KnnTaskConfig, LinearTaskConfig
 from transfer.weights.resolve import BackboneWeights
 
@@ -136,7 +135,6 @@ def cached_features(cfg, weights: BackboneWeights, ctx: TrialContext, views: int
     return all_views, train_labels, val_feats, val_labels, len(train_ds.classes), time.time() - t0
 
 
-@register_engine("imagenet_linear", "torchvision")
 def run_linear(cfg: LinearTaskConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     """The full protocol; checkpoints ``linear_checkpoint.pth`` in ``ctx.output_dir`` every
     ``solver.checkpoint_period`` iterations and every epoch, and resumes from it (bit-identical on CPU)."""
@@ -165,7 +163,6 @@ def run_linear(cfg: LinearTaskConfig, weights: BackboneWeights, ctx: TrialContex
     return metrics
 
 
-@register_engine("imagenet_linear_fast", "torchvision")
 def run_linear_fast(cfg: FastLinearTaskConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     """Cached features -> L-BFGS probe. Every rank fits the same probe (cheap next to extraction)."""
     views, labels, val_feats, val_labels, num_classes, extraction_s = cached_features(
@@ -179,7 +176,6 @@ def run_linear_fast(cfg: FastLinearTaskConfig, weights: BackboneWeights, ctx: Tr
     return {**out, "extraction_s": extraction_s, "train_s": time.time() - t0}
 
 
-@register_engine("imagenet_knn", "torchvision")
 def run_knn(cfg: KnnTaskConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     """One extraction, one top-max(k) search, then scores for every (k, T) of the sweep."""
     views, labels, val_feats, val_labels, num_classes, extraction_s = cached_features(cfg, weights, ctx, stream=True)

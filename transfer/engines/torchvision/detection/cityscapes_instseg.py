@@ -19,7 +19,6 @@ from transfer.engines.torchvision.detection import loop
 from transfer.engines.torchvision.detection.fpn import build_rcnn_fpn
 from transfer.engines.torchvision.detection.trainer import fit_detector, orientation_groups, with_final_loss
 from transfer.evaluation.cityscapes_instseg import CityscapesInstanceEvaluator
-from transfer.registry import register_engine
 from transfer.tasks.cityscapes_instseg import CityscapesInstSegConfig
 from transfer.tasks.voc_det import effective
 from transfer.weights.resolve import BackboneWeights
@@ -49,7 +48,7 @@ def evaluate_cityscapes_instances(model: torch.nn.Module, records: list, meta: d
     return evaluator.evaluate()
 
 
-def _run_cityscapes(cfg: CityscapesInstSegConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
+def run_cityscapes_instseg(cfg: CityscapesInstSegConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     eff = effective(cfg, ctx.world_size)
     # the heads' init (rank 0's is broadcast) and the model's own draws (training resize, RPN and RoI sampling);
     # augmentations are seeded per sample (detection.samplers.KeyedSamples)
@@ -67,6 +66,3 @@ def _run_cityscapes(cfg: CityscapesInstSegConfig, weights: BackboneWeights, ctx:
     metrics = evaluate_cityscapes_instances(model, test, test_meta, weights.input_format, cfg.data.num_workers,
                                             ctx.device, ctx.output_dir / "cityscapes_predictions")
     return with_final_loss(metrics, losses)
-
-
-register_engine("cityscapes_instseg", "torchvision")(_run_cityscapes)

@@ -13,15 +13,15 @@ from tqdm import tqdm
 from pretrain.utils import dist
 from transfer.context import TrialContext
 from transfer.data.splits import concat_splits
-from transfer.data.coco import (COCOInstances, coco_paths, collate_coco, filter_for_training, keypoint_flip_indices,
+from transfer.data.coco import (COCOInstances, collate_coco, filter_for_training, keypoint_flip_indices,
                                 load_coco_instances)
+from transfer.data.formats import COCOFormat
 from transfer.engines.torchvision.detection import loop
 from transfer.engines.torchvision.detection.c4 import build_faster_rcnn_c4
 from transfer.engines.torchvision.detection.fpn import build_rcnn_fpn
 from transfer.engines.torchvision.detection.trainer import fit_detector, orientation_groups, with_final_loss
 from transfer.evaluation.coco import COCOEvaluator, instances_to_coco_results
-from transfer.registry import register_engine
-from transfer.tasks.coco import COCOC4Config, COCOFPNConfig, COCOKeypointConfig
+from transfer.tasks.detection import C4Config
 from transfer.tasks.voc_det import effective
 from transfer.weights.resolve import BackboneWeights
 
@@ -54,32 +54,35 @@ def evaluate_coco(model: torch.nn.Module, records: list, meta: dict, iou_types, 
 
 
 def build_coco_model(cfg, weights: BackboneWeights, num_classes: int) -> torch.nn.Module:
-    """The task's model: Mask R-CNN C4 (:class:`COCOC4Config`), Mask R-CNN FPN (:class:`COCOFPNConfig`) or
-    Keypoint R-CNN FPN (:class:`COCOKeypointConfig`), with ``num_classes`` foreground classes."""
-    if isinstance(cfg, COCOC4Config):
+    """The task's model, with ``num_classes`` foreground classes: Mask R-CNN C4 (``model`` a :class:`C4Config`),
+    else an FPN R-CNN with the heads the config has (``mask``: Mask R-CNN, ``keypoint``: Keypoint R-CNN)."""
+    if isinstance(cfg.model, C4Config):
         return build_faster_rcnn_c4(weights, num_classes, cfg.model, cfg.input, mask_cfg=cfg.mask)
     return build_rcnn_fpn(weights, num_classes, cfg.model, cfg.input, mask_cfg=getattr(cfg, "mask", None),
                           keypoint_cfg=getattr(cfg, "keypoint", None))
 
 
-def _run_coco(cfg, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
+def run_coco(cfg, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     eff = effective(cfg, ctx.world_size)
     # the heads' init (rank 0's is broadcast) and the model's own draws (training resize, RPN and RoI sampling);
     # augmentations are seeded per sample (detection.samplers.KeyedSamples)
     torch.manual_seed(ctx.seed + ctx.rank)
     kp_cfg = getattr(cfg, "keypoint", None)
     keypoints = kp_cfg is not None
+    data: COCOFormat = ctx.dataset
+    if data.keypoints != keypoints:
+        raise ValueError(f"{ctx.task}: the config {'has' if keypoints else 'has no'} keypoint head but the dataset "
+                         f"{data.name} {'has' if data.keypoints else 'has no'} keypoints")
     records, meta = concat_splits(
-        lambda s: load_coco_instances(*coco_paths(ctx.data_root, s, keypoints=keypoints), keypoints=keypoints),
-        cfg.data.train_splits)
+        lambda s: load_coco_instances(*data.paths(ctx.data_root, s), keypoints=keypoints), cfg.data.train_splits)
     train_json = meta["json_file"]
-    test_json, test_images = coco_paths(ctx.data_root, cfg.data.test_split, keypoints=keypoints)
+    test_json, test_images = data.paths(ctx.data_root, cfg.data.test_split)
     train = filter_for_training(records, keypoints=keypoints,
                                 min_keypoints=kp_cfg.min_keypoints_per_image if keypoints else 1)
     test, test_meta = load_coco_instances(test_json, test_images, keypoints=keypoints)  # fail before training
     num_classes = len(meta["thing_classes"])
-    log.info("COCO: %d training images (%s), %d test images, %d classes; weights %s; effective schedule %s",
-             len(train), train_json, len(test), num_classes, weights.info(), eff)
+    log.info("%s: %d training images (%s), %d test images, %d classes; weights %s; effective schedule %s",
+             data.title or data.name, len(train), train_json, len(test), num_classes, weights.info(), eff)
     flip: Optional[list] = None
     if keypoints:
         flip = keypoint_flip_indices(meta["keypoint_names"], meta["keypoint_flip_map"])
@@ -94,8 +97,3 @@ def _run_coco(cfg, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, flo
     metrics = evaluate_coco(model, test, test_meta, iou_types, weights.input_format, cfg.data.num_workers,
                             ctx.device)
     return with_final_loss(metrics, losses)
-
-
-for _task, _schema in (("coco_c4_1x", COCOC4Config), ("coco_c4_2x", COCOC4Config), ("coco_fpn_1x", COCOFPNConfig),
-                       ("coco_fpn_2x", COCOFPNConfig), ("coco_keypoints", COCOKeypointConfig)):
-    register_engine(_task, "torchvision")(_run_coco)

@@ -20,7 +20,6 @@ from transfer.engines.torchvision.detection.repeat_factor import RepeatFactorSam
 from transfer.engines.torchvision.detection.trainer import fit_detector, orientation_groups, with_final_loss
 from transfer.evaluation.coco import instances_to_coco_results
 from transfer.evaluation.lvis import LVISEvaluator
-from transfer.registry import register_engine
 from transfer.tasks.lvis import LVISConfig, effective
 from transfer.weights.resolve import BackboneWeights
 
@@ -48,7 +47,7 @@ def evaluate_lvis(model: torch.nn.Module, records: list, meta: dict, input_forma
     return evaluator.evaluate()
 
 
-def _run_lvis(cfg: LVISConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
+def run_lvis(cfg: LVISConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     eff = effective(cfg, ctx.world_size)
     # the heads' init (rank 0's is broadcast) and the model's own draws (training resize, RPN and RoI sampling);
     # augmentations are seeded per sample (detection.samplers.KeyedSamples)
@@ -78,7 +77,3 @@ def _run_lvis(cfg: LVISConfig, weights: BackboneWeights, ctx: TrialContext) -> D
     metrics = evaluate_lvis(model, test, test_meta, weights.input_format, cfg.data.num_workers, ctx.device,
                             cfg.model.test_detections_per_img)
     return with_final_loss(metrics, losses)
-
-
-for _task in ("lvis_v0.5_1x", "lvis_v0.5_2x"):
-    register_engine(_task, "torchvision")(_run_lvis)

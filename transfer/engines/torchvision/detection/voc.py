@@ -16,7 +16,6 @@ from transfer.engines.torchvision.detection import loop
 from transfer.engines.torchvision.detection.c4 import build_faster_rcnn_c4
 from transfer.engines.torchvision.detection.trainer import fit_detector, orientation_groups, with_final_loss
 from transfer.evaluation.voc import VOCDetectionEvaluator
-from transfer.registry import register_engine
 from transfer.tasks.voc_det import VOCDetConfig, effective
 from transfer.weights.resolve import BackboneWeights
 
@@ -52,7 +51,7 @@ def evaluate_voc(model: torch.nn.Module, cfg: VOCDetConfig, data_root: Path, inp
     return evaluator.evaluate()
 
 
-def _run_voc(cfg: VOCDetConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
+def run_voc(cfg: VOCDetConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     eff = effective(cfg, ctx.world_size)
     # the heads' init (rank 0's is broadcast) and the model's own draws (training resize, RPN and RoI sampling);
     # augmentations are seeded per sample (detection.samplers.KeyedSamples)
@@ -68,7 +67,3 @@ def _run_voc(cfg: VOCDetConfig, weights: BackboneWeights, ctx: TrialContext) -> 
                                  eff["batch_per_process"])
     metrics = evaluate_voc(model, cfg, ctx.data_root, weights.input_format, ctx.device)
     return with_final_loss(metrics, losses)
-
-
-register_engine("voc0712_det", "torchvision")(_run_voc)
-register_engine("voc07_det", "torchvision")(_run_voc)

@@ -5,12 +5,9 @@ confusion matrix over the evaluation set (:mod:`transfer.evaluation.semseg`), su
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
@@ -18,36 +15,16 @@ from tqdm import tqdm
 
 from pretrain.utils import dist
 from transfer.context import TrialContext
-from transfer.data.cityscapes import CITYSCAPES_CLASSES, load_cityscapes_semseg, read_train_ids
-from transfer.data.voc_seg import VOC_SEG_CLASSES, load_voc_seg_records, read_label_png
+from transfer.data.formats import SemSegFormat
 from transfer.engines.torchvision.detection import loop
 from transfer.engines.torchvision.detection.trainer import fit
 from transfer.engines.torchvision.segmentation.data import SemSegDataset
 from transfer.engines.torchvision.segmentation.fcn import build_fcn
 from transfer.evaluation.semseg import SemSegEvaluator
-from transfer.registry import register_engine
 from transfer.tasks.semseg import SemSegConfig, effective
 from transfer.weights.resolve import BackboneWeights
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _Dataset:
-    """What differs between the two datasets: records, label reader, class names, how the mIoU averages."""
-    load: Callable[[Path, str], List[dict]]  # (data_root, split) -> records
-    read_label: Callable[[dict], np.ndarray]  # record -> (H, W) uint8
-    classes: Tuple[str, ...]
-    mean_over: str  # transfer.evaluation.semseg.MEAN_OVER
-
-
-DATASETS = {
-    # VOC: Detectron2's SemSegEvaluator (mean over classes present in the ground truth)
-    "voc_semseg": _Dataset(load_voc_seg_records, lambda r: read_label_png(r["sem_seg_file_name"]),
-                           VOC_SEG_CLASSES, "gt"),
-    # Cityscapes: cityscapesscripts' class IoU (mean over classes with TP + FP + FN > 0)
-    "cityscapes_semseg": _Dataset(load_cityscapes_semseg, read_train_ids, CITYSCAPES_CLASSES, "gt_or_pred"),
-}
 
 
 def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -67,7 +44,7 @@ def _train_step(model: torch.nn.Module, batch, device: torch.device, ignore_labe
 
 
 @torch.no_grad()
-def evaluate_semseg(model: torch.nn.Module, cfg: SemSegConfig, records: List[dict], data: _Dataset,
+def evaluate_semseg(model: torch.nn.Module, cfg: SemSegConfig, records: List[dict], data: SemSegFormat,
                     weights: BackboneWeights, device: torch.device, channels_last: bool = False,
                     amp_bf16: bool = False) -> Dict[str, float]:
     """One pass per image at its original size (plus a flipped pass with ``input.test_flip``); this rank's
@@ -97,9 +74,9 @@ def evaluate_semseg(model: torch.nn.Module, cfg: SemSegConfig, records: List[dic
     return evaluator.evaluate() if dist.is_main() else {}
 
 
-def _run_semseg(cfg: SemSegConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
+def run_semseg(cfg: SemSegConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     eff = effective(cfg, ctx.world_size)
-    data = DATASETS[ctx.task]
+    data: SemSegFormat = ctx.dataset
     # the head's init (rank 0's is broadcast); augmentations are seeded per sample (detection.samplers.KeyedSamples)
     torch.manual_seed(ctx.seed + ctx.rank)
     train = [r for split in cfg.data.train_splits for r in data.load(ctx.data_root, split)]
@@ -121,7 +98,3 @@ def _run_semseg(cfg: SemSegConfig, weights: BackboneWeights, ctx: TrialContext) 
     if metrics and "total_loss" in losses:
         metrics["final_loss"] = losses["total_loss"]
     return metrics
-
-
-register_engine("voc_semseg", "torchvision")(_run_semseg)
-register_engine("cityscapes_semseg", "torchvision")(_run_semseg)
