@@ -81,7 +81,8 @@ def field_problems(task: str, preset: str, build: Optional[Callable[[Any], str]]
     cfg = _task_cfg(task, preset)
     base = resolve(cfg)
     base_text = build(cfg) if build else None
-    problems = []
+    problems = [f"{task}/{preset}: {p} is declared without a reason" for p, why in
+                {**base.ignored, **base.engine_reads}.items() if len(why.split()) < 3]
     declared = set(base.ignored)
     for path, value in leaves(cfg):
         for new in changes(path, value):
@@ -128,8 +129,9 @@ def test_every_field_reaches_detectron2_or_is_refused_by_name(task, preset):
     assert not problems, "\n".join(problems)
 
 
-def test_the_check_catches_a_silently_dropped_field(monkeypatch):
-    """The bug the table replaced: ``input.size_divisible`` fell through every branch and was ignored."""
+def test_the_check_catches_a_silently_dropped_field(monkeypatch, tmp_path):
+    """The bug the table replaced: ``input.size_divisible`` fell through every branch and was ignored (and with
+    detectron2, the resolved config shows it too)."""
     from transfer.tasks.detection import InputConfig
 
     table = dict(keys.appliers())
@@ -137,6 +139,10 @@ def test_the_check_catches_a_silently_dropped_field(monkeypatch):
     monkeypatch.setattr(keys, "appliers", lambda: table)
     problems = field_problems("coco_fpn_1x", "full")
     assert problems and all("input.size_divisible" in p for p in problems), problems
+    if d2_engine.available():
+        problems = field_problems("coco_fpn_1x", "smoke", build=_builder("coco_fpn_1x", tmp_path))
+        assert any("input.size_divisible" in p and "resolved Detectron2 config does not change" in p
+                   for p in problems), problems
     # and an ignored field the test does not justify
     table[(InputConfig, "size_divisible")] = keys.Ignored("some reason")
     assert any("without a justification" in p for p in field_problems("voc07_det", "smoke"))

@@ -105,7 +105,6 @@ def key(name: str, convert: Callable[[Any], Any] = _same) -> Applier:
     """The applier of a field that is one Detectron2 key."""
     def apply(value: Any) -> Dict[str, Any]:
         return {name: convert(value)}
-    apply.__qualname__ = f"key({name!r})"
     return apply
 
 
@@ -198,8 +197,8 @@ _RCNN_SHARED: Dict[str, Entry] = {
 _DATA: Dict[str, Entry] = {
     "train_splits": EngineReads("SUITE.TRAIN_SPLITS", "the engine registers one Detectron2 dataset per split"),
     "test_split": EngineReads("SUITE.TEST_SPLIT", "the engine registers the evaluated dataset"),
-    "num_workers": key("DATALOADER.NUM_WORKERS"),
     # (no effect on results: every sample is augmented from its key, datasets.KeyedTrainLoader)
+    "num_workers": key("DATALOADER.NUM_WORKERS"),
     "max_unreadable_fraction": Ignored(
         "the engine's mappers (Detectron2's DatasetMapper through read_image, semseg.SemSegMapper through "
         "load_sample) raise on an unreadable image: the trial fails at the first one and skips none, so no "
