@@ -6,17 +6,35 @@ builtin ones (``voc_2007_trainval``, ``coco_2017_val``), which Detectron2 regist
 before is replaced). Metadata carries what Detectron2's mappers and evaluators read: class names, the
 COCO id mapping and json file, keypoint names and flip map, the VOC folder, year and split, the
 evaluator type.
+
+Training batches come from :class:`KeyedTrainLoader` (Detectron2's samplers, mappers and aspect-ratio grouping,
+with each sample keyed by its place in the process's index stream), so a resumed trial continues the data
+stream where the killed one stopped.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
-from typing import Callable, List
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from detectron2.data import DatasetCatalog, DatasetFromList, DatasetMapper, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
 from detectron2.structures import BoxMode
+from detectron2.utils import comm
+
+from pretrain.data.augment import sample_rng
+from transfer.engines.torchvision.detection.samplers import GroupedBatchSampler
 
 from transfer.data.formats import COCOFormat
 from transfer.data.voc import VOC_CLASSES, load_voc_sets, parse_set_name, voc_dir
+
+log = logging.getLogger(__name__)
 
 
 def register_dataset(name: str, loader: Callable[[], List[dict]], **metadata) -> str:
@@ -130,3 +148,101 @@ def register_cityscapes_instances(data_root: Path, split: str, train: bool) -> s
     return register_dataset(f"suite_cityscapes_instances_{split}" + ("_train" if train else ""), load,
                             thing_classes=meta["thing_classes"], gt_dir=meta["gt_dir"],
                             evaluator_type="cityscapes_instance")
+
+
+# ---------------------------------------------------------------- resumable training batches
+
+@contextlib.contextmanager
+def keyed_rng(*key: int) -> Iterator[None]:
+    """torch, ``random`` and numpy seeded from ``key`` inside the block, restored after (``sample_rng`` and
+    numpy: Detectron2's augmentations draw from ``np.random``)."""
+    state = np.random.get_state()
+    with sample_rng(*key):
+        np.random.seed(hash(tuple(int(k) for k in key)) & 0xFFFF_FFFF)
+        try:
+            yield
+        finally:
+            np.random.set_state(state)
+
+
+class KeyedSamples(Dataset):
+    """``dataset[(index, place)]``: ``mapper(dicts[index])`` with its randomness seeded by (seed, rank, place,
+    stream) alone. A mapper that drops a sample (returns None, as Detectron2's ``MapDataset`` allows) is given
+    the next index, under the same key."""
+
+    def __init__(self, dicts: Sequence[dict], mapper: Callable[[dict], Any], seed: int, stream: int):
+        self.dicts, self.mapper = DatasetFromList(list(dicts), copy=True), mapper
+        self.seed, self.rank, self.stream = int(seed), comm.get_rank(), int(stream)
+
+    def __len__(self) -> int:
+        return len(self.dicts)
+
+    def __getitem__(self, key):
+        index, place = key
+        for i in range(len(self.dicts)):
+            with keyed_rng(self.seed, self.rank, place, self.stream):
+                out = self.mapper(self.dicts[(index + i) % len(self.dicts)])
+            if out is not None:
+                return out
+        raise RuntimeError("the mapper dropped every sample of the training set")
+
+
+def _orientation(d: dict) -> int:
+    """Detectron2's aspect-ratio groups: 0 for a landscape image (w > h), else 1; sizes from the dict, else from
+    the image file's header (the semantic-segmentation records carry none)."""
+    if "width" in d and "height" in d:
+        w, h = d["width"], d["height"]
+    else:
+        with Image.open(d["file_name"]) as im:
+            w, h = im.size
+    return 0 if w > h else 1
+
+
+class KeyedTrainLoader:
+    """Detectron2's ``build_detection_train_loader`` made resumable: the same dataset dicts, sampler
+    (``DATALOADER.SAMPLER_TRAIN``: ``TrainingSampler`` or ``RepeatFactorTrainingSampler``, seeded by ``SEED``),
+    mapper (default ``DatasetMapper(cfg, True)``), aspect-ratio grouping and per-process batch size; but batches
+    are formed from the index stream alone (:class:`~transfer.engines.torchvision.detection.samplers.
+    GroupedBatchSampler`) and each sample is mapped under its key (:class:`KeyedSamples`), so batch ``k`` is the
+    same whatever the worker count, and a resumed trial sets ``start_iter`` to continue at its batch.
+
+    ``stream``: another augmentation stream over the same indices (PreciseBN's loader: 1)."""
+
+    def __init__(self, cfg, mapper: Optional[Callable] = None, *, dataset: Optional[Sequence[dict]] = None,
+                 stream: int = 0):
+        if dataset is None:
+            dataset = get_detection_dataset_dicts(
+                cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+                min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+                proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
+        self.dicts = list(dataset)
+        self.mapper = mapper if mapper is not None else DatasetMapper(cfg, True)
+        self.seed, self.stream, self.start_iter = int(cfg.SEED), int(stream), 0
+        name = cfg.DATALOADER.SAMPLER_TRAIN
+        if name == "TrainingSampler":
+            self.sampler = TrainingSampler(len(self.dicts), seed=self.seed)
+        elif name == "RepeatFactorTrainingSampler":
+            factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+                self.dicts, cfg.DATALOADER.REPEAT_THRESHOLD, sqrt=cfg.DATALOADER.REPEAT_SQRT)
+            self.sampler = RepeatFactorTrainingSampler(factors, seed=self.seed)
+        else:
+            raise ValueError(f"DATALOADER.SAMPLER_TRAIN {name!r}: the detectron2 engine's resumable loader knows "
+                             f"TrainingSampler and RepeatFactorTrainingSampler")
+        self.groups = [_orientation(d) for d in self.dicts] if cfg.DATALOADER.ASPECT_RATIO_GROUPING else \
+            [0] * len(self.dicts)
+        self.batch_size = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        self.num_workers = int(cfg.DATALOADER.NUM_WORKERS)
+
+    def __iter__(self) -> Iterator[List[dict]]:
+        if self.start_iter:
+            log.info("training batches continue at batch %d (the earlier ones are formed from indices, not read)",
+                     self.start_iter)
+        batches = GroupedBatchSampler(self.sampler, self.groups, self.batch_size, start_batch=self.start_iter)
+        return iter(DataLoader(KeyedSamples(self.dicts, self.mapper, self.seed, self.stream), batch_sampler=batches,
+                               num_workers=self.num_workers, collate_fn=list, persistent_workers=self.num_workers > 0,
+                               generator=torch.Generator().manual_seed(self.seed)))
+
+
+def build_keyed_train_loader(cfg, mapper: Optional[Callable] = None) -> KeyedTrainLoader:
+    """:class:`KeyedTrainLoader` with ``build_detection_train_loader``'s signature (``train.train_and_evaluate``)."""
+    return KeyedTrainLoader(cfg, mapper)

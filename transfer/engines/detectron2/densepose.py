@@ -3,7 +3,8 @@
 The datasets are registered from ``--data-root`` under the suite's names with DensePose's own loader and
 metadata (its builtin registration reads ``./datasets`` at import and ignores ``$DETECTRON2_DATASETS``);
 the config is ``configs/detectron2/densepose_rcnn_R_50_FPN_s1x_legacy.yaml`` on ``add_densepose_config``;
-training is the engine's flow (:func:`.train.train_and_evaluate`) with DensePose's mapper and loaders;
+training is the engine's flow (:func:`.train.train_and_evaluate`) with DensePose's dataset dicts and mapper
+batched by the engine's resumable loader (:func:`build_densepose_train_loader`) and DensePose's test loader;
 the evaluator is DensePose's ``DensePoseCOCOEvaluator`` (the reference implementation: GPS-based AP in
 ``densepose_coco_evaluation.py``), its ``densepose_gps`` AP / AP50 / AP75 -> ``APdp`` / ``APdp50`` /
 ``APdp75`` (its GPSm and segm APs go to metrics.json as ``APdpgpsm*``, ``APdpsegm*``).
@@ -29,6 +30,7 @@ from detectron2.utils.file_io import PathManager
 from transfer.context import TrialContext
 from transfer.data.densepose import densepose_paths
 from transfer.engines.detectron2.config import build_config
+from transfer.engines.detectron2.datasets import KeyedTrainLoader
 from transfer.engines.detectron2.densepose_compat import lenient_path_manager
 from transfer.engines.detectron2.detection import _finish
 from transfer.engines.detectron2.train import train_and_evaluate
@@ -110,8 +112,23 @@ def densepose_metrics(results: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     return out
 
 
+def build_densepose_train_loader(cfg, mapper=None) -> KeyedTrainLoader:
+    """DensePose's ``build_detection_train_loader`` (``densepose/data/build.py``: its category maps in the
+    metadata, its instance filter, its ``DatasetMapper``) batched by the engine's resumable loader."""
+    from densepose.data import DatasetMapper
+    from densepose.data import build as dp_build
+
+    dp_build._add_category_whitelists_to_metadata(cfg)
+    dp_build._add_category_maps_to_metadata(cfg)
+    dp_build._maybe_add_class_to_mesh_name_map_to_metadata(cfg.DATASETS.TRAIN, cfg)
+    dicts = dp_build.combine_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN, keep_instance_predicate=dp_build._get_train_keep_instance_predicate(cfg),
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
+    return KeyedTrainLoader(cfg, mapper if mapper is not None else DatasetMapper(cfg, True), dataset=dicts)
+
+
 def run_densepose(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
-    from densepose.data import build_detection_test_loader, build_detection_train_loader
+    from densepose.data import build_detection_test_loader
     from densepose.evaluation import DensePoseCOCOEvaluator
     from densepose.evaluation.evaluator import build_densepose_evaluator_storage
 
@@ -140,7 +157,7 @@ def run_densepose(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict
                             storage=build_densepose_evaluator_storage(cfg_d2, out_dir))
 
     run = train_and_evaluate(cfg_d2, weights, ctx, evaluator, log_period=cfg.log_period,
-                             build_train_loader=build_detection_train_loader,
+                             build_train_loader=build_densepose_train_loader,
                              build_test_loader=build_detection_test_loader)
     if not run:
         return {}
