@@ -19,9 +19,11 @@ from pretrain.main import main
 from pretrain.utils.io import safe_torch_load
 
 
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py: no oversubscribed CPU
 def test_checkpoint_has_official_layout_and_resumes_exactly(tmp_path, tiny_folders, monkeypatch):
+    small = "data.image_size=16"  # cheaper steps; the 32 px images are cropped smaller
     # uninterrupted: 2 epochs x 4 iterations
-    main(tiny_config(tiny_folders, tmp_path / "full"))
+    main(tiny_config(tiny_folders, tmp_path / "full", small))
     full = safe_torch_load(tmp_path / "full" / ckpt_io.LAST)
     assert {"epoch", "arch", "state_dict", "optimizer", "config", "global_step", "rng", "sampler"} <= set(full)
     assert (full["epoch"], full["arch"], full["global_step"]) == (2, "resnet18", 8)
@@ -43,11 +45,11 @@ def test_checkpoint_has_official_layout_and_resumes_exactly(tmp_path, tiny_folde
 
     monkeypatch.setattr(ckpt_io, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        main(tiny_config(tiny_folders, tmp_path / "killed", "solver.checkpoint_period=3"))
+        main(tiny_config(tiny_folders, tmp_path / "killed", small, "solver.checkpoint_period=3"))
     monkeypatch.setattr(ckpt_io, "save_checkpoint", real_save)
     assert safe_torch_load(tmp_path / "killed" / ckpt_io.LAST)["sampler"] == {"epoch": 1, "start_iter": 2}
     # ... and resumed: the same weights, queue and optimizer state as the uninterrupted run
-    main(tiny_config(tiny_folders, tmp_path / "killed", "solver.checkpoint_period=3", "run.resume=auto"))
+    main(tiny_config(tiny_folders, tmp_path / "killed", small, "solver.checkpoint_period=3", "run.resume=auto"))
     resumed = safe_torch_load(tmp_path / "killed" / ckpt_io.LAST)
     assert resumed["global_step"] == 8
     for k, v in full["state_dict"].items():
