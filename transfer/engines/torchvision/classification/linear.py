@@ -116,8 +116,9 @@ def upgrade_linear_checkpoint(old: dict) -> dict:
     return {"stage": "train", "iteration": int(old.get("iteration", 0)), "model": old["fc"],
             "optimizer": old["optimizer"], "rng": None, "unreadable": None, "losses": {},
             "protocol": old.get("protocol"),
-            "extra": {"epoch": int(old["epoch"]), "history": list(old["history"]), "backbone_digest": old["backbone_digest"],
-                      "loss_sum": old.get("loss_sum", torch.zeros(())), "seen": int(old.get("seen", 0))}}
+            "extra": {"epoch": int(old["epoch"]), "history": list(old["history"]),
+                      "backbone_digest": old["backbone_digest"], "loss_sum": old.get("loss_sum", torch.zeros(())),
+                      "seen": int(old.get("seen", 0))}}
 
 
 def train_linear(
