@@ -19,9 +19,11 @@ from pretrain.main import main
 from pretrain.utils.io import safe_torch_load
 
 
+@pytest.mark.usefixtures("one_thread")  # tests/conftest.py: no oversubscribed CPU
 def test_checkpoint_has_official_layout_and_resumes_exactly(tmp_path, tiny_folders, monkeypatch):
+    small = "data.image_size=16"  # cheaper steps; the 32 px images are cropped smaller
     # uninterrupted: 2 epochs x 4 iterations
-    main(tiny_config(tiny_folders, tmp_path / "full"))
+    main(tiny_config(tiny_folders, tmp_path / "full", small))
     full = safe_torch_load(tmp_path / "full" / ckpt_io.LAST)
     assert {"epoch", "arch", "state_dict", "optimizer", "config", "global_step", "rng", "sampler"} <= set(full)
     assert (full["epoch"], full["arch"], full["global_step"]) == (2, "resnet18", 8)
@@ -43,11 +45,11 @@ def test_checkpoint_has_official_layout_and_resumes_exactly(tmp_path, tiny_folde
 
     monkeypatch.setattr(ckpt_io, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        main(tiny_config(tiny_folders, tmp_path / "killed", "solver.checkpoint_period=3"))
+        main(tiny_config(tiny_folders, tmp_path / "killed", small, "solver.checkpoint_period=3"))
     monkeypatch.setattr(ckpt_io, "save_checkpoint", real_save)
     assert safe_torch_load(tmp_path / "killed" / ckpt_io.LAST)["sampler"] == {"epoch": 1, "start_iter": 2}
     # ... and resumed: the same weights, queue and optimizer state as the uninterrupted run
-    main(tiny_config(tiny_folders, tmp_path / "killed", "solver.checkpoint_period=3", "run.resume=auto"))
+    main(tiny_config(tiny_folders, tmp_path / "killed", small, "solver.checkpoint_period=3", "run.resume=auto"))
     resumed = safe_torch_load(tmp_path / "killed" / ckpt_io.LAST)
     assert resumed["global_step"] == 8
     for k, v in full["state_dict"].items():
@@ -89,32 +91,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_pretrain_sh_two_cpu_processes(tmp_path, tiny_folders):
+def test_pretrain_sh_two_cpu_processes_and_names_the_failing_ranks_error(tmp_path, tiny_folders):
+    """Two CPU processes under torchrun train an epoch; then every rank fails (the kNN monitor's val folder is
+    missing) and torchrun's summary, which buries a rank's error, is followed by its first error line."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     cmd = ["bash", str(REPO / "tools" / "pretrain.sh"), "--nproc", "2", "--master-port", str(_free_port()),
            "--config", str(REPO / "configs" / "pretrain" / "smoke.yaml"),
            f"data.root={tiny_folders}", f"run.output_dir={out}", "run.device=cpu", "data.image_size=32",
            "solver.batch_size=16", "data.num_workers=0", "model.queue_size=32", "model.mlp_hidden=64",
-           "model.shuffle_bn_splits=1", "solver.epochs=1", "knn.period_epochs=0", "run.tensorboard=false"]
+           "model.shuffle_bn_splits=1", "solver.epochs=1", "run.tensorboard=false", "knn.period_epochs=1",
+           f"knn.train_root={tiny_folders / 'train'}", f"knn.val_root={tmp_path / 'nowhere' / 'val'}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     eff = json.loads((out / "effective.json").read_text())
     assert (eff["world_size"], eff["batch_per_process"], eff["iters_per_epoch"]) == (2, 8, 4)
-    ckpt = safe_torch_load(out / ckpt_io.LAST)
+    ckpt = safe_torch_load(out / ckpt_io.LAST)  # written before the monitor ran
     assert ckpt["global_step"] == 4 and int(ckpt["state_dict"]["module.queue_ptr"]) == 0  # 4 x 16 keys wrapped K=32
-
-
-def test_pretrain_sh_names_the_failing_ranks_error(tmp_path):
-    """torchrun's summary buries a rank's error: the launcher repeats its first error line last."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
-    cmd = ["bash", str(REPO / "tools" / "pretrain.sh"), "--nproc", "2", "--master-port", str(_free_port()),
-           "--config", str(REPO / "configs" / "pretrain" / "smoke.yaml"), f"data.root={tmp_path / 'nowhere'}",
-           f"run.output_dir={tmp_path / 'out'}", "run.device=cpu", "knn.period_epochs=0"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert "failed first with: error: dataset folder not found" in last and "nowhere/train" in last, last
+    assert "failed first with: error: dataset folder not found" in last and "nowhere/val" in last, last
 
 
 def test_training_steps_lower_the_loss(tmp_path, tiny_folders):

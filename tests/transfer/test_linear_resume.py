@@ -1,107 +1,132 @@
-"""The linear probe killed with SIGKILL at three moments (right after a mid-epoch checkpoint, before a later
-checkpoint is written, during an evaluation) and resumed each time ends with exactly the history and metrics of
-an uninterrupted run (CPU); a checkpoint of another protocol is refused.
+"""The linear probe interrupted at three moments (right after a mid-epoch checkpoint, before a later checkpoint
+is written, during an evaluation) and resumed each time ends with exactly the history and metrics of an
+uninterrupted run (CPU); so does one resumed from the checkpoint layout older code wrote; a checkpoint of
+another protocol is refused.
 
-The kill points are exact: a driver process wraps the probe's checkpoint writer and evaluation and kills itself
-at the n-th call (polling the checkpoint file from outside misses points that last milliseconds)."""
+The interruptions are exact and in-process: the trial checkpoint's writer or the probe's evaluation raises
+:class:`Killed` (not an ``Exception``: the suite's runner records no result, as for a killed process) at its
+n-th call; the next run in the same process resumes from the files alone. A real kill of a whole job (SIGUSR2,
+requeue) is tests/transfer/test_slurm.py's."""
 import json
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from pretrain.data.synthetic import make_imagenet_folders
-from transfer.run_all import main
-
-ROOT = Path(__file__).resolve().parents[2]
-EPOCHS, ITERS = 15, 4  # 16 train images, batch 4
-
-# argv: WHERE N then run_all's arguments; WHERE: after_save / before_save (the n-th checkpoint write) or eval
-DRIVER = r"""
-import os, signal, sys
-where, n = sys.argv[1], int(sys.argv[2])
+from transfer.engines.torchvision import trial_checkpoint
 from transfer.engines.torchvision.classification import linear
-
-calls = {"save": 0, "eval": 0}
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-save, evaluate = linear.atomic_torch_save, linear.evaluate
-def counted_save(*a, **k):
-    calls["save"] += 1
-    if where == "before_save" and calls["save"] == n:
-        die()
-    save(*a, **k)
-    if where == "after_save" and calls["save"] == n:
-        die()
-def counted_eval(*a, **k):
-    calls["eval"] += 1
-    if where == "eval" and calls["eval"] == n:
-        die()
-    return evaluate(*a, **k)
-linear.atomic_torch_save, linear.evaluate = counted_save, counted_eval
-
 from transfer.run_all import main
-sys.exit(main(sys.argv[3:]))
-"""
+
+EPOCHS, ITERS = 5, 4  # 16 train images, batch 4; evaluations after epochs 2, 4 and 5
+TRIAL = Path("random-resnet18/imagenet_linear/torchvision/trial0")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: no ``except Exception`` catches it."""
 
 
 def _args(data: Path, out: Path, *extra: str):
     return ["--weights", "random", "--arch", "resnet18", "--tasks", "imagenet_linear", "--preset", "smoke",
             "--data-root", str(data), "--output", str(out), "--no-report", "data.image_size=16",
-            "data.resize_size=16", "solver.batch_size=4", f"solver.epochs={EPOCHS}", "solver.steps=[10]",
-            "solver.eval_period_epochs=3", "solver.checkpoint_period=1", *extra]
+            "data.resize_size=16", "solver.batch_size=4", f"solver.epochs={EPOCHS}", "solver.steps=[3]",
+            "solver.eval_period_epochs=2", "solver.checkpoint_period=1", *extra]
 
 
 def _position(ckpt: Path):
     c = torch.load(ckpt, weights_only=True)
-    return int(c["epoch"]), int(c["iteration"])
+    return int(c["extra"]["epoch"]), int(c["iteration"])
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+def _killed(monkeypatch, args, where: str, n: int) -> None:
+    """One run of the suite, interrupted at the n-th checkpoint write (``before_save``: the file is not written;
+    ``after_save``: it is) or at the n-th evaluation (``eval``)."""
+    calls = {"save": 0, "eval": 0}
+    save, evaluate = trial_checkpoint.atomic_torch_save, linear.evaluate
+
+    def counted_save(*a, **k):
+        calls["save"] += 1
+        if where == "before_save" and calls["save"] == n:
+            raise Killed
+        save(*a, **k)
+        if where == "after_save" and calls["save"] == n:
+            raise Killed
+
+    def counted_eval(*a, **k):
+        calls["eval"] += 1
+        if where == "eval" and calls["eval"] == n:
+            raise Killed
+        return evaluate(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(trial_checkpoint, "atomic_torch_save", counted_save)
+        m.setattr(linear, "evaluate", counted_eval)
+        with pytest.raises(Killed):
+            main(args)
 
 
-def _killed(args, where: str, n: int) -> None:
-    proc = subprocess.run([sys.executable, "-c", DRIVER, where, str(n), *args], cwd=ROOT, timeout=240,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return make_imagenet_folders(root / "imagenet", num_classes=2, train_per_class=8, val_per_class=8,
+                                 image_size=16).parent
 
 
-@pytest.mark.timeout(300)
-def test_killed_three_times_and_resumed_equals_uninterrupted(tmp_path):
-    data = make_imagenet_folders(tmp_path / "data" / "imagenet", num_classes=2, train_per_class=8,
-                                 val_per_class=8, image_size=16).parent
-    assert main(_args(data, tmp_path / "ref")) == 0
-    trial = "random-resnet18/imagenet_linear/torchvision/trial0"
-    ref = json.loads((tmp_path / "ref" / trial / "history.json").read_text())
-
-    out = tmp_path / "killed"
-    ckpt = out / trial / "linear_checkpoint.pth"
-    _killed(_args(data, out), "after_save", 2)  # right after a mid-epoch checkpoint
-    assert _position(ckpt) == (0, 2)
-    # resumed at (0, 2): one write per iteration and one per epoch end; the 21st would hold (4, 3): killed before it
-    _killed(_args(data, out), "before_save", 21)
-    assert _position(ckpt) == (4, 2)
-    # the last iteration of epoch 9 is saved, then its evaluation runs (eval_every 3): kill there
-    _killed(_args(data, out), "eval", 2)  # this run's second evaluation: epochs 6 and 9
-    assert _position(ckpt) == (8, ITERS)
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The uninterrupted run's history and metrics."""
+    out = tmp_path_factory.mktemp("ref")
     assert main(_args(data, out)) == 0
-    log = (out / trial / "log.txt").read_text()
-    assert log.count("resumed linear training") == 3
+    return (json.loads((out / TRIAL / "history.json").read_text()),
+            json.loads((out / TRIAL / "metrics.json").read_text())["metrics"])
 
-    assert json.loads((out / trial / "history.json").read_text()) == ref  # losses, lrs and accuracies, exactly
-    a, b = (json.loads((d / trial / "metrics.json").read_text())["metrics"] for d in (tmp_path / "ref", out))
-    assert a == b
+
+def _same_as(reference, out: Path) -> None:
+    history, metrics = reference
+    assert json.loads((out / TRIAL / "history.json").read_text()) == history  # losses, lrs, accuracies, exactly
+    assert json.loads((out / TRIAL / "metrics.json").read_text())["metrics"] == metrics
+
+
+def test_killed_three_times_and_resumed_equals_uninterrupted(tmp_path, data, reference, monkeypatch):
+    out = tmp_path / "killed"
+    ckpt = out / TRIAL / linear.CHECKPOINT
+    _killed(monkeypatch, _args(data, out), "after_save", 2)  # right after a mid-epoch checkpoint
+    assert _position(ckpt) == (0, 2)
+    # resumed at (0, 2): one write per iteration and one per epoch end; the 11th would hold (2, 3): lost
+    _killed(monkeypatch, _args(data, out), "before_save", 11)
+    assert _position(ckpt) == (2, 2)
+    # the last iteration of epoch 4 is saved, then its evaluation runs: interrupted there
+    _killed(monkeypatch, _args(data, out), "eval", 1)
+    assert _position(ckpt) == (3, ITERS)
+    assert main(_args(data, out)) == 0
+    assert (out / TRIAL / "log.txt").read_text().count("resumed linear training") == 3
+    _same_as(reference, out)
+
+
+def test_a_killed_trial_of_the_older_checkpoint_layout_resumes(tmp_path, data, reference, monkeypatch):
+    out = tmp_path / "old"
+    ckpt = out / TRIAL / linear.CHECKPOINT
+    _killed(monkeypatch, _args(data, out), "after_save", 7)  # (1, 2)
+    new = torch.load(ckpt, weights_only=True)
+    e = new["extra"]
+    # what the probe wrote before it used trial checkpoints (its save(), key for key)
+    torch.save({"epoch": e["epoch"], "iteration": new["iteration"], "fc": new["model"],
+                "optimizer": new["optimizer"], "backbone_digest": e["backbone_digest"], "history": e["history"],
+                "loss_sum": e["loss_sum"], "seen": e["seen"], "protocol": new["protocol"]}, ckpt)
+    assert main(_args(data, out)) == 0
+    log = (out / TRIAL / "log.txt").read_text()
+    assert "has an older layout" in log and "resumed linear training" in log and "after 1 epochs and 2 " in log
+    _same_as(reference, out)
+    assert "stage" in torch.load(ckpt, weights_only=True)  # rewritten in today's layout
 
 
 def test_a_checkpoint_of_another_protocol_is_refused(tmp_path):
     data = make_imagenet_folders(tmp_path / "data" / "imagenet", num_classes=2, train_per_class=2,
                                  val_per_class=1, image_size=16).parent
     out = tmp_path / "out"
-    trial = out / "random-resnet18" / "imagenet_linear" / "torchvision" / "trial0"
+    trial = out / TRIAL
     quick = ["solver.epochs=2", "solver.steps=[1]"]
     assert main(_args(data, out, *quick)) == 0
     (trial / "metrics.json").unlink()  # as if killed before the end: the checkpoint stays

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pretrain.data.synthetic import make_imagenet_folders
 from pretrain.utils import slurm
@@ -71,7 +72,7 @@ def test_local_executor_job_preempted_requeued_and_resumed(tmp_path, monkeypatch
     monkeypatch.setattr(slurm, "submit", local_submit)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it: no oversubscription of a shared CPU
     out = tmp_path / "res"
-    epochs = 300  # about 15 ms each: seconds, so that the preemption below lands before the job ends
+    epochs = 300  # about 15 ms each: the preemption below, past the middle, lands seconds before the job ends
     assert main(["--weights", "random", "--arch", "resnet18", "--tasks", "imagenet_linear", "--preset", "smoke",
                  "--data-root", str(data), "--output", str(out), "--no-report", "--launcher", "slurm",
                  "--gpus-per-node", "1", "data.image_size=16", "data.resize_size=16",
@@ -83,12 +84,18 @@ def test_local_executor_job_preempted_requeued_and_resumed(tmp_path, monkeypatch
         job.cancel(check=False)  # never leave the job running after a failed assertion
 
 
+def _epochs_done(ckpt: Path) -> int:
+    """The epochs a linear probe's trial checkpoint holds (0 before the first; it is replaced atomically)."""
+    return int(torch.load(ckpt, weights_only=True)["extra"]["epoch"]) if ckpt.is_file() else 0
+
+
 def _preempt_and_check(job, out, epochs):
     trial = out / "random-resnet18" / "imagenet_linear" / "torchvision" / "trial0"
-    deadline = time.time() + 150
-    while not (trial / "linear_checkpoint.pth").is_file() and time.time() < deadline:
+    ckpt, deadline = trial / "linear_checkpoint.pth", time.time() + 150
+    # preempted past the middle: the requeued job redoes few epochs (a test's seconds), yet has many left
+    while _epochs_done(ckpt) < epochs // 2 and time.time() < deadline:
         time.sleep(0.02)
-    assert (trial / "linear_checkpoint.pth").is_file(), job.stderr()
+    assert _epochs_done(ckpt) >= epochs // 2, job.stderr()
     # what SLURM does on preemption: USR2 to the job's task (submitit's local executor runs it as a child of
     # its controller process); submitit checkpoints, and the controller starts the requeued job
     (task,) = [int(p) for p in Path(f"/proc/{job._process.pid}/task/{job._process.pid}/children").read_text().split()]

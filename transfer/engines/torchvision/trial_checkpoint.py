@@ -1,6 +1,6 @@
 """Resumable built-in trials: one checkpoint file per trial folder, written atomically by rank 0.
 
-What a killed detection or segmentation trial needs to continue exactly as if it had never stopped
+What a killed detection, segmentation or linear-probe trial needs to continue exactly as if it had never stopped
 (bit-identical metrics on CPU, tested by killing trials with SIGKILL):
 
 - the model's parameters and buffers (BN statistics included) and the optimizer's state (momentum);
@@ -14,13 +14,17 @@ What a killed detection or segmentation trial needs to continue exactly as if it
 - the stage: ``train`` (mid-schedule), ``trained`` (schedule done, before PreciseBN: a rerun redoes PreciseBN
   from the same batches), ``final`` (after PreciseBN: a rerun only evaluates; no optimizer state is kept);
 - the protocol (the config fields that change results, the seed, the world size): a checkpoint of another
-  protocol is refused with the fields that differ, never silently mixed into a result.
+  protocol is refused with the fields that differ, never silently mixed into a result;
+- the engine's own state (``extra``: tensors and plain containers), e.g. the linear probe's epoch and history.
+
+A file of an older layout is read through the ``upgrade`` a trial checkpoint is given (it holds no RNG states:
+none are restored then).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -89,13 +93,16 @@ def trial_protocol(cfg: Any, seed: int, world_size: int) -> dict:
 class TrialCheckpoint:
     """``<trial>/checkpoint.pth``: :meth:`save` (a collective: every process's RNG state is gathered to rank 0,
     which writes atomically) and :meth:`restore` (every process reads the file; a shared file system is assumed,
-    as Detectron2's checkpointer does)."""
+    as Detectron2's checkpointer does). ``upgrade``: a file without a ``stage`` (an older layout of this
+    trial's engine) -> today's layout, or None where there is no older layout."""
 
-    def __init__(self, path: Path, protocol: dict):
-        self.path, self.protocol = Path(path), protocol
+    def __init__(self, path: Path, protocol: Optional[dict], upgrade: Optional[Callable[[dict], dict]] = None):
+        self.path, self.protocol, self.upgrade = Path(path), protocol, upgrade
 
     def save(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, stage: str, iteration: int,
-             losses: Dict[str, float]) -> None:
+             losses: Dict[str, float], extra: Optional[dict] = None) -> None:
+        """``model``: the module whose state is saved (e.g. only a linear head); ``extra``: the engine's own state,
+        returned by :meth:`restore`."""
         assert stage in STAGES, stage
         ranks = dist.gather_objects({"rng": rng_state(), "unreadable": unreadable_flags()})
         if dist.is_main():
@@ -104,12 +111,13 @@ class TrialCheckpoint:
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
                 "rng": [r["rng"] for r in ranks], "unreadable": [r["unreadable"] for r in ranks],
                 "losses": {k: float(v) for k, v in losses.items()}, "protocol": self.protocol,
+                "extra": extra or {},
             }, self.path)
             log.info("checkpoint (%s, iteration %d) -> %s", stage, iteration, self.path)
 
     def restore(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Optional[dict]:
         """Load the model (and the optimizer while training) and this process's RNG states from the checkpoint;
-        returns ``{"stage", "iteration", "losses"}``, or None when there is none (a fresh trial).
+        returns ``{"stage", "iteration", "losses", "extra"}``, or None when there is none (a fresh trial).
 
         Call it last before the loop: the RNG states are restored here, and anything drawn after them
         (e.g. a model's random init) would shift the stream."""
@@ -119,6 +127,11 @@ class TrialCheckpoint:
         if not self.path.is_file():
             return None
         state = safe_torch_load(self.path, map_location="cpu")  # RNG states must be CPU tensors
+        if isinstance(state, dict) and "stage" not in state and self.upgrade is not None:
+            state = self.upgrade(state)
+            log.info("%s has an older layout: read as a trial checkpoint", self.path)
+        if not isinstance(state, dict):
+            raise ValueError(f"{self.path}: not a trial checkpoint of this suite; delete it to restart the trial")
         check_protocol(self.path, state.get("protocol"), self.protocol)
         if state.get("stage") not in STAGES:
             raise ValueError(f"{self.path}: not a trial checkpoint of this suite (stage {state.get('stage')!r}); "
@@ -127,10 +140,12 @@ class TrialCheckpoint:
         if optimizer is not None and state["optimizer"] is not None:
             optimizer.load_state_dict(state["optimizer"])
         rngs = state["rng"]
-        if len(rngs) != dist.world_size():  # the protocol holds the world size; this guards a hand-edited file
-            raise ValueError(f"{self.path} holds RNG states of {len(rngs)} processes, this run has "
-                             f"{dist.world_size()}")
-        set_rng_state(rngs[dist.rank()])
-        restore_unreadable_flags(state["unreadable"][dist.rank()])
+        if rngs is not None:  # None: an upgraded older layout, whose code kept no RNG states
+            if len(rngs) != dist.world_size():  # the protocol holds the world size; this guards a hand-edited file
+                raise ValueError(f"{self.path} holds RNG states of {len(rngs)} processes, this run has "
+                                 f"{dist.world_size()}")
+            set_rng_state(rngs[dist.rank()])
+            restore_unreadable_flags(state["unreadable"][dist.rank()])
         log.info("resuming the trial from %s (%s, iteration %d)", self.path, state["stage"], state["iteration"])
-        return {"stage": state["stage"], "iteration": int(state["iteration"]), "losses": dict(state["losses"])}
+        return {"stage": state["stage"], "iteration": int(state["iteration"]), "losses": dict(state["losses"]),
+                "extra": dict(state.get("extra") or {})}

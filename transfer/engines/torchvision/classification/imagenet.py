@@ -21,9 +21,9 @@ from pretrain.utils.io import atomic_write_json
 from transfer.context import TrialContext
 from transfer.engines.torchvision.backbone import build_backbone_resnet, load_resnet_weights
 from transfer.engines.torchvision.classification.feature_cache import dataset_fingerprint, get_or_extract
-from transfer.engines.torchvision.classification.linear import (EpochSamples, ResumableDistributedSampler,
-                                                                 attach_linear_head, backbone_digest,
-                                                                 probe_with_wd_sweep, train_linear)
+from transfer.engines.torchvision.classification.linear import (CHECKPOINT, EpochSamples,
+                                                                 ResumableDistributedSampler, attach_linear_head,
+                                                                 backbone_digest, probe_with_wd_sweep, train_linear)
 from transfer.engines.torchvision.trial_checkpoint import trial_protocol
 from transfer.tasks.imagenet import FastLinearTaskConfig, ImageNetDataConfig, KnnTaskConfig, LinearTaskConfig
 from transfer.weights.resolve import BackboneWeights
@@ -136,7 +136,7 @@ def cached_features(cfg, weights: BackboneWeights, ctx: TrialContext, views: int
 
 
 def run_linear(cfg: LinearTaskConfig, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
-    """The full protocol; checkpoints ``linear_checkpoint.pth`` in ``ctx.output_dir`` every
+    """The full protocol; checkpoints ``linear_checkpoint.pth`` (a trial checkpoint) in ``ctx.output_dir`` every
     ``solver.checkpoint_period`` iterations and every epoch, and resumes from it (bit-identical on CPU)."""
     if cfg.solver.batch_size % ctx.world_size:
         raise ValueError(f"batch_size {cfg.solver.batch_size} is not divisible by world size {ctx.world_size}")
@@ -157,7 +157,7 @@ def run_linear(cfg: LinearTaskConfig, weights: BackboneWeights, ctx: TrialContex
     val_loader = DataLoader(val_part, batch_size=per_rank, num_workers=cfg.data.num_workers, pin_memory=pin)
     protocol = trial_protocol(cfg, ctx.seed, ctx.world_size)
     metrics, history = train_linear(model, train_loader, val_loader, cfg.solver, ctx.device,
-                                    checkpoint=Path(ctx.output_dir) / "linear_checkpoint.pth", protocol=protocol)
+                                    checkpoint=Path(ctx.output_dir) / CHECKPOINT, protocol=protocol)
     if dist.is_main():
         atomic_write_json(Path(ctx.output_dir) / "history.json", history)
     return metrics

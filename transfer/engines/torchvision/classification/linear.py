@@ -25,12 +25,13 @@ from pretrain.data.augment import sample_rng
 from pretrain.knn import topk_accuracy
 from pretrain.schedule import step_lr
 from pretrain.utils import dist
-from pretrain.utils.io import atomic_torch_save, safe_torch_load
 from transfer.engines.torchvision.classification.feature_cache import state_digest
-from transfer.engines.torchvision.trial_checkpoint import check_protocol
+from transfer.engines.torchvision.trial_checkpoint import TrialCheckpoint
 from transfer.tasks.imagenet import LinearSolverConfig
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT = "linear_checkpoint.pth"  # the probe's trial checkpoint in its trial folder (the name older code used)
 
 
 class BackboneChangedError(RuntimeError):
@@ -104,6 +105,22 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> Dict
     return {"top1": 100 * hits1 / count, "top5": 100 * hits5 / count}
 
 
+def upgrade_linear_checkpoint(old: dict) -> dict:
+    """A linear probe's ``linear_checkpoint.pth`` as the code before trial checkpoints wrote it (``epoch``,
+    ``iteration``, ``fc``, ``optimizer``, ``backbone_digest``, ``history``, ``loss_sum``, ``seen``, ``protocol``)
+    in the layout of :class:`~transfer.engines.torchvision.trial_checkpoint.TrialCheckpoint`; that code kept no RNG
+    states (the probe draws none)."""
+    missing = {"epoch", "fc", "optimizer", "backbone_digest", "history"} - set(old)
+    if missing:
+        raise ValueError(f"not a linear probe checkpoint (no {sorted(missing)}); delete it to restart the trial")
+    return {"stage": "train", "iteration": int(old.get("iteration", 0)), "model": old["fc"],
+            "optimizer": old["optimizer"], "rng": None, "unreadable": None, "losses": {},
+            "protocol": old.get("protocol"),
+            "extra": {"epoch": int(old["epoch"]), "history": list(old["history"]),
+                      "backbone_digest": old["backbone_digest"], "loss_sum": old.get("loss_sum", torch.zeros(())),
+                      "seen": int(old.get("seen", 0))}}
+
+
 def train_linear(
     model: nn.Module,
     train_loader: DataLoader,
@@ -117,10 +134,12 @@ def train_linear(
 
     ``train_loader`` yields ``(images (B, 3, H, W), labels (B,))``; its sampler's ``set_epoch`` is called every
     epoch (with the batches to skip on a mid-epoch resume when it is a :class:`ResumableDistributedSampler`).
-    ``checkpoint``: written atomically by rank 0 every ``solver.checkpoint_period`` iterations and at the end
-    of each epoch (head, optimizer, epoch, iteration, the epoch's running loss, history), and resumed from
-    when present; a checkpoint of another ``protocol`` is refused. No RNG state is needed: the backbone is
-    frozen (its BN statistics too, asserted) and each sample's augmentation is seeded by (seed, epoch, index)
+    ``checkpoint``: a trial checkpoint (:mod:`transfer.engines.torchvision.trial_checkpoint`) of the head and the
+    optimizer, its ``iteration`` the iteration within ``extra["epoch"]`` (also the epoch's running loss, the
+    history and the backbone's digest), written every ``solver.checkpoint_period`` iterations and at the end
+    of each epoch, and resumed from when present (also in the layout older code wrote:
+    :func:`upgrade_linear_checkpoint`); a checkpoint of another ``protocol`` is refused. The backbone is frozen
+    (its BN statistics too, asserted) and each sample's augmentation is seeded by (seed, epoch, index)
     (:class:`EpochSamples`), so a killed and resumed run ends with the same head as an uninterrupted one.
     Returns the final val metrics ``{"top1", "top5"}`` and a per-epoch history ``[{"epoch", "lr", "loss"}]``.
     """
@@ -135,25 +154,23 @@ def train_linear(
     assert len(params) == 2, "only the linear head (fc.weight, fc.bias) may be trained"
     opt = torch.optim.SGD(params, lr=solver.base_lr, momentum=solver.momentum, weight_decay=solver.weight_decay)
 
-    start, start_iter, history = 0, 0, []
-    resumed_sum, resumed_n = torch.zeros(()), 0
-    if checkpoint is not None and checkpoint.is_file():
-        ckpt = safe_torch_load(checkpoint, map_location=device)
-        if ckpt["backbone_digest"] != digest:
+    ckpt = TrialCheckpoint(checkpoint, protocol, upgrade_linear_checkpoint) if checkpoint is not None else None
+    resumed = ckpt.restore(model.fc, opt) if ckpt is not None else None
+    start, start_iter, history, resumed_sum, resumed_n = 0, 0, [], torch.zeros(()), 0
+    if resumed is not None:
+        extra = resumed["extra"]
+        if extra.get("backbone_digest") != digest:
             raise BackboneChangedError(f"{checkpoint} was trained on a different backbone; delete it to restart")
-        if protocol is not None:
-            check_protocol(checkpoint, ckpt.get("protocol"), protocol)
-        model.fc.load_state_dict(ckpt["fc"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start, start_iter, history = int(ckpt["epoch"]), int(ckpt.get("iteration", 0)), list(ckpt["history"])
-        resumed_sum, resumed_n = ckpt.get("loss_sum", torch.zeros(())), int(ckpt.get("seen", 0))
+        start, start_iter, history = int(extra["epoch"]), resumed["iteration"], list(extra["history"])
+        resumed_sum, resumed_n = extra["loss_sum"], int(extra["seen"])
         log.info("resumed linear training from %s after %d epochs and %d iterations", checkpoint, start, start_iter)
 
     def save(epoch: int, iteration: int, loss_sum: torch.Tensor, seen: int) -> None:
-        if checkpoint is not None and dist.is_main():
-            atomic_torch_save({"epoch": epoch, "iteration": iteration, "fc": model.fc.state_dict(),
-                               "optimizer": opt.state_dict(), "backbone_digest": digest, "history": history,
-                               "loss_sum": loss_sum.detach().cpu(), "seen": seen, "protocol": protocol}, checkpoint)
+        if ckpt is not None:  # the optimizer too after the last epoch: a longer schedule may continue it
+            ckpt.save(model.fc, opt, stage="train", iteration=iteration,
+                      losses={"loss": float(loss_sum) / max(seen, 1)} if seen else {},
+                      extra={"epoch": epoch, "history": history, "backbone_digest": digest,
+                             "loss_sum": loss_sum.detach().cpu(), "seen": seen})
 
     metrics: Dict[str, float] = {}
     every = solver.checkpoint_period

@@ -1,0 +1,51 @@
+"""The run's checkpoint files: ``checkpoint_last.pth`` every ``solver.checkpoint_period`` steps within an epoch
+and at every epoch end, ``checkpoint_%04d.pth`` every ``run.keep_period_epochs`` epochs and after the last one.
+Layout: :mod:`pretrain.checkpoint`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pretrain import checkpoint as ckpt_io
+from pretrain.config import PretrainConfig
+from pretrain.data.shards import StreamTracker
+from pretrain.utils import dist
+from pretrain.utils.config import config_to_dict
+
+
+class CheckpointWriter:
+    """Every method is a collective (tar shards gather every rank's stream positions); rank 0 writes,
+    atomically, and every rank waits for the file."""
+
+    def __init__(self, cfg: PretrainConfig, moco: nn.Module, optimizer: torch.optim.Optimizer, num_epochs: int,
+                 tracker: StreamTracker | None = None):
+        self.out, self.moco, self.optimizer, self.tracker = Path(cfg.run.output_dir), moco, optimizer, tracker
+        self.arch, self.config = cfg.model.arch, config_to_dict(cfg)
+        self.period, self.keep, self.num_epochs = cfg.solver.checkpoint_period, cfg.run.keep_period_epochs, num_epochs
+
+    def write(self, name: str, epoch: int, start_iter: int, global_step: int) -> None:
+        """``<output_dir>/name`` resuming at iteration ``start_iter`` of ``epoch``."""
+        position = {"epoch": epoch, "start_iter": start_iter}
+        if self.tracker is not None:
+            position["streams"] = self.tracker.state()  # a collective: every rank's stream positions
+        if dist.is_main():
+            ckpt_io.save_checkpoint(self.out / name, model=self.moco, optimizer=self.optimizer, epoch=epoch,
+                                    arch=self.arch, config=self.config, global_step=global_step, sampler=position)
+        dist.barrier()
+
+    def after_step(self, epoch: int, done: int, global_step: int, epoch_len: int) -> None:
+        """After iteration ``done`` of ``epoch`` (of ``epoch_len``): the last checkpoint when the period is due
+        (not at the epoch's end, which :meth:`after_epoch` saves)."""
+        if self.period > 0 and global_step % self.period == 0 and done < epoch_len:
+            self.write(ckpt_io.LAST, epoch, done, global_step)
+
+    def after_epoch(self, epochs_done: int, global_step: int) -> None:
+        self.write(ckpt_io.LAST, epochs_done, 0, global_step)
+        if epochs_done % self.keep == 0 or epochs_done == self.num_epochs:
+            self.write(f"checkpoint_{epochs_done:04d}.pth", epochs_done, 0, global_step)
+
+    @property
+    def last(self) -> Path:
+        return self.out / ckpt_io.LAST
