@@ -17,6 +17,8 @@ DETECTION = ("solver.iterations=2", "solver.batch_size=2", "precise_bn.num_iters
 FEW_DETECTIONS = ("model.test_detections_per_img=5",)
 MASK_HEAD = ("mask.conv_dim=16",)
 KEYPOINT_HEAD = ("keypoint.conv_dims=[16,16]", "model.box_fc_dim=32")
+# the ImageNet tasks: 16 px crops
+IMAGENET_INPUT = ("data.image_size=16", "data.resize_size=16")
 
 TINY: Dict[str, Tuple[str, ...]] = {
     "detection": DETECTION,
@@ -24,8 +26,9 @@ TINY: Dict[str, Tuple[str, ...]] = {
     "coco_fpn_1x": (*DETECTION, *FEW_DETECTIONS, *MASK_HEAD, "model.box_fc_dim=32"),
     "keypoints": (*DETECTION, *FEW_DETECTIONS, *KEYPOINT_HEAD),
     "semantic_segmentation": ("solver.iterations=2", "solver.batch_size=2", "solver.steps=[1]", "input.crop_size=32"),
-    "imagenet_linear": ("solver.epochs=1", "solver.steps=[]"),
-    "imagenet_linear_fast": ("probe.max_iter=3",),
+    "classification": IMAGENET_INPUT,  # imagenet_knn
+    "imagenet_linear": (*IMAGENET_INPUT, "solver.epochs=1", "solver.steps=[]"),
+    "imagenet_linear_fast": (*IMAGENET_INPUT, "probe.max_iter=3"),
     # the Detectron2-only DensePose task: its own input and head settings
     "coco_densepose": ("solver.iterations=2", "solver.batch_size=2", "solver.steps=[1]", "precise_bn.num_iters=1",
                        "input.min_size_train=[64]", "input.min_size_test=64", "densepose.conv_head_dim=16"),

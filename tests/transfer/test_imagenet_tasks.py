@@ -17,6 +17,8 @@ from transfer.registry import get_task, load_builtin_tasks
 from transfer.engines.torchvision.classification.imagenet import eval_tf
 from transfer.weights.resolve import BackboneWeights
 
+import tiny  # tests/tiny.py
+
 TASKS = ("imagenet_linear", "imagenet_linear_fast", "imagenet_knn")
 
 
@@ -63,7 +65,7 @@ def _ctx(name, data_root, tmp_path, seed=0) -> TrialContext:
 def _cfg(name, *overrides):
     spec = get_task(name)
     return load_config(spec.schema, spec.config_path.parent / "smoke" / spec.config_file,
-                       ["data.image_size=28", "data.resize_size=32", *overrides])
+                       [*tiny.overrides(name, prefixed=False), *overrides])
 
 
 def _weights(seed=0, **kw) -> BackboneWeights:
@@ -99,7 +101,7 @@ def test_knn_and_fast_probe_share_one_extraction(data_root, tmp_path, monkeypatc
     assert 0 <= m2["top1"] <= 100 and m2["top5"] == 100.0  # 3 classes
     knn(_cfg("imagenet_knn"), _weights(seed=1), _ctx("imagenet_knn", data_root, tmp_path))
     assert len(calls) == 4  # other weights: new features
-    knn(_cfg("imagenet_knn", "data.image_size=24"), _weights(seed=1), _ctx("imagenet_knn", data_root, tmp_path))
+    knn(_cfg("imagenet_knn", "data.image_size=12"), _weights(seed=1), _ctx("imagenet_knn", data_root, tmp_path))
     assert len(calls) == 6  # other preprocessing: new features
     fast(_cfg("imagenet_linear_fast", "features.augmented_views=1"), _weights(),
          _ctx("imagenet_linear_fast", data_root, tmp_path))
