@@ -23,20 +23,18 @@ def test_schedules():
     assert exp_step_lr(0.12, 1_249_999, 62_500) == pytest.approx(0.12 * 0.9 ** 19)
 
 
-def test_recipes_resolve():
+def test_the_lr_scales_with_the_batch_only_when_asked_and_bn_groups_make_eight_overall():
     v1 = load_pretrain_config(REPO / "configs/pretrain/moco_v1.yaml")
-    v2 = load_pretrain_config(REPO / "configs/pretrain/moco_v2.yaml")
     ig = load_pretrain_config(REPO / "configs/pretrain/moco_ig1b.yaml")
-    assert (v1.model.mlp, v1.model.temperature, v1.solver.schedule, v1.data.aug) == (False, 0.07, "step", "v1")
-    assert (v2.model.mlp, v2.model.temperature, v2.solver.schedule, v2.data.aug) == (True, 0.2, "cosine", "v2")
-    assert (v2.model.queue_size, v2.model.momentum, v2.solver.base_lr, v2.solver.epochs) == (65536, 0.999, 0.03, 200)
-    assert (ig.solver.batch_size, ig.solver.base_lr, ig.solver.iterations, ig.solver.step_period) == (1024, 0.12, 1_250_000,
-                                                                                               62_500)
-    assert effective_lr(ig) == 0.12  # stated, not rescaled
+    assert ig.solver.batch_size != 256 and effective_lr(ig) == ig.solver.base_lr  # stated, not rescaled
     scaled = load_pretrain_config(REPO / "configs/pretrain/moco_v1.yaml",
-                                  ["solver.batch_size=512", "solver.lr_scale_with_batch=true"])
-    assert effective_lr(scaled) == pytest.approx(0.06)
-    assert bn_splits(v1, 1) == 8 and bn_splits(v1, 8) == 1 and bn_splits(v1, 64) == 1 and bn_splits(v1, 2) == 4
+                                  [f"solver.batch_size={2 * v1.solver.batch_size}", "solver.lr_scale_with_batch=true"])
+    assert effective_lr(scaled) == pytest.approx(v1.solver.base_lr * 2 * v1.solver.batch_size / 256)
+    # model.shuffle_bn_splits=0: as many groups per process as make the paper's 8 overall, at least one
+    assert v1.model.shuffle_bn_splits == 0
+    assert [bn_splits(v1, w) * w for w in (1, 2, 4, 8)] == [8] * 4 and bn_splits(v1, 64) == 1
+    explicit = load_pretrain_config(REPO / "configs/pretrain/moco_v1.yaml", ["model.shuffle_bn_splits=2"])
+    assert bn_splits(explicit, 1) == bn_splits(explicit, 8) == 2
 
 
 def test_augmentations_match_the_recipes():

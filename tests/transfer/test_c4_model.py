@@ -6,13 +6,18 @@ import torchvision
 from torch import nn
 
 from transfer.engines.torchvision.backbone import WeightLoadError
-from transfer.engines.torchvision.detection.c4 import (C4Config, InputConfig, Res5BoxHead, RoIAlignV2, build_faster_rcnn_c4, c4_head_keys,
+from transfer.engines.torchvision.detection.c4 import (Res5BoxHead, RoIAlignV2, build_faster_rcnn_c4, c4_head_keys,
                                 fast_rcnn_losses)
 from transfer.weights.resolve import BackboneWeights
 
-TINY = C4Config(rpn_pre_nms_topk_train=200, rpn_post_nms_topk_train=16, rpn_pre_nms_topk_test=100,
-                rpn_post_nms_topk_test=8, roi_batch_size_per_image=8)
-TINY_INPUT = InputConfig(min_size_train=[64], max_size_train=96, min_size_test=64, max_size_test=96)
+import tiny  # tests/tiny.py
+from pretrain.utils.config import load_config
+from transfer.registry import get_task
+from transfer.runner import config_path
+
+# voc07_det's C4 model and input settings, shrunk by the shared model overrides
+_VOC = load_config(get_task("voc07_det").schema, config_path(get_task("voc07_det"), "full"), list(tiny.MODEL))
+TINY, TINY_INPUT = _VOC.model, _VOC.input
 
 
 def random_weights(arch="resnet18", seed=0):
@@ -45,13 +50,9 @@ def test_c4_structure(model):
     ag = model.rpn.anchor_generator
     assert ag.sizes == ((32, 64, 128, 256, 512),) and ag.aspect_ratios == ((0.5, 1.0, 2.0),)
     assert model.rpn.head.cls_logits.out_channels == 15
-    full = C4Config()
-    assert (full.rpn_pre_nms_topk_train, full.rpn_post_nms_topk_train) == (12000, 2000)
-    assert (full.rpn_pre_nms_topk_test, full.rpn_post_nms_topk_test, full.rpn_nms_thresh) == (6000, 1000, 0.7)
-    assert (full.roi_batch_size_per_image, full.roi_positive_fraction) == (512, 0.25)
     assert model.rpn.fg_bg_sampler.batch_size_per_image == 256 and model.rpn.fg_bg_sampler.positive_fraction == 0.5
     assert (model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img) == \
-        (0.05, 0.5, 100)
+        (TINY.test_score_thresh, TINY.test_nms_thresh, TINY.test_detections_per_img)
 
 
 def test_every_bn_is_trainable_and_in_train_mode(model):
@@ -93,8 +94,8 @@ def test_training_and_inference_run(model):
     model.eval()
     with torch.no_grad():
         out = model([images[0]])
-    assert out[0]["boxes"].shape[1] == 4 and len(out[0]["boxes"]) <= 100
-    assert model.transform.min_size == (64,)
+    assert out[0]["boxes"].shape[1] == 4 and len(out[0]["boxes"]) <= TINY.test_detections_per_img
+    assert list(model.transform.min_size) == TINY_INPUT.min_size_train
 
 
 def test_backbone_tensors_loaded_and_only_heads_missing(weights):

@@ -19,6 +19,8 @@ from transfer.registry import get_task
 from transfer.runner import config_path
 from transfer.weights.resolve import BackboneWeights
 
+import tiny  # tests/tiny.py
+
 NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, torchvision.ops.FrozenBatchNorm2d)
 
 
@@ -218,17 +220,10 @@ def test_fpn_weights_fill_the_backbone_and_nothing_else(weights, models):
     assert torch.equal(c4["roi_heads.box_head.res5.1.bn2.running_var"], weights.state_dict["layer4.1.bn2.running_var"])
 
 
-TINY = ("model.rpn_pre_nms_topk_train=100", "model.rpn_post_nms_topk_train=16", "model.rpn_pre_nms_topk_test=50",
-        "model.rpn_post_nms_topk_test=8", "model.roi_batch_size_per_image=8", "model.test_detections_per_img=5",
-        "input.min_size_train=[64]", "input.max_size_train=96", "input.min_size_test=64", "input.max_size_test=96")
-SMALL_HEADS = {"coco_c4_1x": ("mask.conv_dim=16",), "coco_fpn_1x": ("mask.conv_dim=16", "model.box_fc_dim=32"),
-               "coco_keypoints": ("keypoint.conv_dims=[16,16]", "model.box_fc_dim=32")}
-
-
-@pytest.mark.parametrize("task", sorted(SMALL_HEADS))
+@pytest.mark.parametrize("task", sorted(tiny.MODEL_HEADS))
 def test_training_step_and_inference(task, weights):
     torch.manual_seed(0)
-    cfg = full_cfg(task, *TINY, *SMALL_HEADS[task])
+    cfg = full_cfg(task, *tiny.MODEL, *tiny.MODEL_HEADS[task])
     model = build_coco_model(cfg, weights, 1 if task == "coco_keypoints" else 3)
     images = [torch.rand(3, 60, 80), torch.rand(3, 70, 64)]
     masks = torch.zeros(2, 70, 80, dtype=torch.uint8)

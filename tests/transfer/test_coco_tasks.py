@@ -10,6 +10,8 @@ from transfer.registry import get_task
 from transfer.report.reference import load_reference
 from transfer.runner import config_path
 
+import tiny  # tests/tiny.py
+
 MASK_TASKS = ("coco_c4_1x", "coco_c4_2x", "coco_fpn_1x", "coco_fpn_2x")
 BOX = ("APbb", "APbb50", "APbb75", "APbbs", "APbbm", "APbbl")
 MASK = ("APmk", "APmk50", "APmk75", "APmks", "APmkm", "APmkl")
@@ -55,18 +57,12 @@ def test_c4_mask_head_must_read_the_res5_features():
         build_coco_model(_cfg("coco_c4_1x", "full", "mask.num_conv=2"), BackboneWeights("r", "resnet18", None), 3)
 
 
-TINY = ["solver.iterations=2", "solver.batch_size=2", "precise_bn.num_iters=1", "input.min_size_train=[64]",
-        "input.min_size_test=64", "input.max_size_train=96", "input.max_size_test=96",
-        "model.rpn_post_nms_topk_train=16", "model.rpn_post_nms_topk_test=8", "model.roi_batch_size_per_image=8",
-        "model.test_detections_per_img=5", "coco_fpn_1x.mask.conv_dim=16", "model.box_fc_dim=32",
-        "coco_keypoints.keypoint.conv_dims=[16,16]"]
-
-
 def test_engine_reports_every_coco_metric(tmp_path):
     """Mask R-CNN FPN and Keypoint R-CNN on synthetic COCO through run_all: every metric of the
     evaluator (box, mask / keypoint, by area), the final loss, and the effective schedule recorded."""
     args = ["--weights", "random", "--arch", "resnet18", "--tasks", "coco_fpn_1x,coco_keypoints", "--preset",
-            "smoke", "--output", str(tmp_path), "--engine", "torchvision", "--no-report", *TINY]
+            "smoke", "--output", str(tmp_path), "--engine", "torchvision", "--no-report",
+            *tiny.overrides("coco_fpn_1x", "coco_keypoints")]
     assert main(args) == 0
     for task, names in (("coco_fpn_1x", BOX + MASK), ("coco_keypoints", BOX + KEYPOINT)):
         rec = json.loads((tmp_path / "random-resnet18" / task / "torchvision" / "trial0" / "metrics.json").read_text())

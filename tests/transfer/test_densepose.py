@@ -18,6 +18,8 @@ from transfer.data.synthetic.densepose import make_densepose
 from transfer.engines import detectron2 as d2_engine
 from transfer.registry import ENGINES, get_task, resolve
 
+import tiny  # tests/tiny.py
+
 needs_densepose = pytest.mark.skipif(
     not (d2_engine.available() and d2_engine.densepose_available()),
     reason="detectron2 and its DensePose project are not installed (README 'Detectron2 engine')")
@@ -235,11 +237,9 @@ def test_densepose_smoke_runs_end_to_end_through_densepose_evaluator(tmp_path, m
     DensePoseCOCOEvaluator (GPS) on stand-in SMPL files; metrics.json has the APdp columns."""
     _stand_in_smpl_files(tmp_path / "cache")
     monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
-    tiny = ["solver.iterations=2", "solver.batch_size=2", "solver.steps=[1]", "precise_bn.num_iters=1",
-            "input.min_size_train=[64]", "input.min_size_test=64", "densepose.conv_head_dim=16"]
     assert main(["--weights", "random", "--arch", "resnet18", "--tasks", "coco_densepose", "--preset", "smoke",
                  "--engine", "detectron2", "--output", str(tmp_path / "out"), "--no-report",
-                 *[f"coco_densepose.{o}" for o in tiny]]) == 0
+                 *tiny.overrides("coco_densepose")]) == 0
     trial = tmp_path / "out" / "random-resnet18" / "coco_densepose" / "detectron2" / "trial0"
     rec = json.loads((trial / "metrics.json").read_text())
     assert rec["status"] == "ok" and rec["engine"] == "detectron2" and {"APdp", "APdp50", "APdp75"} <= set(rec["metrics"])

@@ -13,6 +13,8 @@ from transfer.data import checks
 from transfer.data.synthetic.voc import make_vocdevkit
 from transfer.registry import TASKS, TaskSpec, register_task
 
+import tiny  # tests/tiny.py
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -131,7 +133,7 @@ def test_run_all_fails_a_broken_task_with_the_doctors_message(root, tmp_path):
     out = tmp_path / "res"
     code = main(["--weights", "random", "--arch", "resnet18", "--tasks", "voc07_det,imagenet_knn", "--preset",
                  "smoke", "--data-root", str(root), "--output", str(out), "--no-report",
-                 "imagenet_knn.data.image_size=16", "imagenet_knn.data.resize_size=16"])
+                 *tiny.overrides("imagenet_knn")])
     assert code == 1
     bad = json.loads((out / "random-resnet18" / "voc07_det" / "torchvision" / "trial0" / "metrics.json").read_text())
     assert bad["status"] == "failed" and bad["error"].startswith("DatasetCheckError: dataset check for voc07_det")
@@ -154,7 +156,7 @@ def test_unreadable_images_are_skipped_counted_and_limited(root, tmp_path):
     _corrupt(train[:1])
     args = ["--weights", "random", "--arch", "resnet18", "--tasks", "imagenet_knn", "--preset", "smoke",
             "--data-root", str(root), "--no-report"]
-    conf = ["data.image_size=16", "data.resize_size=16", "data.max_unreadable_fraction=0.25"]
+    conf = [*tiny.overrides("imagenet_knn"), "data.max_unreadable_fraction=0.25"]
     assert main(args + ["--output", str(tmp_path / "a"), *conf]) == 0
     rec = json.loads((tmp_path / "a" / "random-resnet18" / "imagenet_knn" / "torchvision" / "trial0" / "metrics.json").read_text())
     assert rec["status"] == "ok" and rec["unreadable_images"] == 1 and rec["unreadable_examples"] == [str(train[0])]

@@ -17,6 +17,8 @@ from transfer.registry import ENGINES, TASKS as REGISTERED, get_task
 from transfer.engines.torchvision.classification.imagenet import eval_tf
 from transfer.weights.resolve import BackboneWeights
 
+import tiny  # tests/tiny.py
+
 TASKS = ("imagenet_linear", "imagenet_linear_fast", "imagenet_knn")
 
 
@@ -26,8 +28,7 @@ def test_registered_with_full_and_smoke_configs(name):
     assert name in REGISTERED and spec.family == "classification" and spec.recipe in ENGINES["torchvision"].recipes
     full = load_config(spec.schema, spec.config_path)
     smoke = load_config(spec.schema, spec.config_path.parent / "smoke" / spec.config_file)
-    assert (full.data.root, full.data.image_size, full.data.resize_size) == ("imagenet", 224, 256)
-    assert smoke.data.image_size < full.data.image_size
+    assert smoke.data.image_size < full.data.image_size and smoke.data.root == full.data.root
     eff = spec.effective(full, 8)
     assert eff["world_size"] == 8
     # only the values that exist for the task: no "lr 0, 0 epochs" for the probes without them
@@ -38,15 +39,15 @@ def test_registered_with_full_and_smoke_configs(name):
     assert "epochs" in eff or "iterations" in eff or name == "imagenet_knn"
 
 
-def test_linear_config_is_the_paper_protocol():
+def test_the_linear_probe_splits_its_batch_over_processes_and_never_rescales_the_lr():
     spec = get_task("imagenet_linear")
-    o = load_config(spec.schema, spec.config_path).solver
-    assert (o.batch_size, o.base_lr, o.momentum, o.weight_decay, o.epochs, list(o.steps), o.gamma) == (
-        256, 30.0, 0.9, 0.0, 100, [60, 80], 0.1)
-    # never rescaled by the GPU count: 8 GPUs run 32 images each, lr stays 30
-    assert spec.effective(load_config(spec.schema, spec.config_path), 8)["batch_per_process"] == 32
-    knn = load_config(get_task("imagenet_knn").schema, get_task("imagenet_knn").config_path).knn
-    assert (knn.k, knn.temperature) == (200, 0.07)
+    cfg = load_config(spec.schema, spec.config_path)
+    one, eight = spec.effective(cfg, 1), spec.effective(cfg, 8)
+    # the global batch is the protocol's: 8 processes run an eighth of it each, at the same lr
+    assert one["batch_per_process"] == one["batch_size"] == eight["batch_size"] == 8 * eight["batch_per_process"]
+    assert one["base_lr"] == eight["base_lr"] == cfg.solver.base_lr
+    doubled = spec.effective(load_config(spec.schema, spec.config_path, [f"solver.batch_size={2 * cfg.solver.batch_size}"]), 8)
+    assert doubled["batch_per_process"] == 2 * eight["batch_per_process"] and doubled["base_lr"] == cfg.solver.base_lr
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def _ctx(name, data_root, tmp_path, seed=0) -> TrialContext:
 def _cfg(name, *overrides):
     spec = get_task(name)
     return load_config(spec.schema, spec.config_path.parent / "smoke" / spec.config_file,
-                       ["data.image_size=28", "data.resize_size=32", *overrides])
+                       [*tiny.overrides(name, prefixed=False), *overrides])
 
 
 def _weights(seed=0, **kw) -> BackboneWeights:
@@ -100,7 +101,7 @@ def test_knn_and_fast_probe_share_one_extraction(data_root, tmp_path, monkeypatc
     assert 0 <= m2["top1"] <= 100 and m2["top5"] == 100.0  # 3 classes
     knn(_cfg("imagenet_knn"), _weights(seed=1), _ctx("imagenet_knn", data_root, tmp_path))
     assert len(calls) == 4  # other weights: new features
-    knn(_cfg("imagenet_knn", "data.image_size=24"), _weights(seed=1), _ctx("imagenet_knn", data_root, tmp_path))
+    knn(_cfg("imagenet_knn", "data.image_size=12"), _weights(seed=1), _ctx("imagenet_knn", data_root, tmp_path))
     assert len(calls) == 6  # other preprocessing: new features
     fast(_cfg("imagenet_linear_fast", "features.augmented_views=1"), _weights(),
          _ctx("imagenet_linear_fast", data_root, tmp_path))
@@ -139,6 +140,11 @@ def make_rgb_image():
 # ResNet-18's (the first ~50 make them worse). About 3-4 minutes on 2 CPU cores.
 # Measured, seeds 0/1/2 (MoCo vs random top-1): kNN 44.0/29.0, 42.0/33.5, 53.5/33.5; linear protocol
 # 37.0/23.0, 45.5/24.5, 54.0/29.0. At 60 epochs the kNN margin of seed 1 was only 3.5 points.
+# Cheaper configs tried (overrides only; MoCo vs random kNN top-1, seed 0[/1]; ~90-240 iterations): 16 px, 120 it,
+# lr 0.12, m 0.9: 29.5/41; 16 px, 240 it, MLP, T 0.2, lr 0.06: 37/41; 16 px, batch 64, 90 it, MLP, T 0.2, lr 0.12:
+# 33.5/41, 31.5/36; 24 px, 120 it: 29/39, 31/42; 32 px, 120 it: 28.5/29, 27.5/33.5. None beats random init on
+# kNN. The linear protocol's margin is no evidence alone: the 16 px run with solver.base_lr=0 (no learning, BN
+# statistics only) still gave linear 23.5 vs 13.5 for random init (kNN 32.5 vs 41).
 SIGNAL_PRETRAIN = ["data.num_workers=0", "run.tensorboard=false", "run.keep_period_epochs=1000", "knn.period_epochs=0"]
 SIGNAL_TASKS = ("imagenet_knn", "imagenet_linear")  # their smoke presets, as tools/smoke.sh runs them
 

@@ -11,26 +11,7 @@ from transfer.cli import main
 from transfer.registry import ENGINES, TASKS, get_task
 from transfer.runner import config_path, route_overrides
 
-
-# further shrinks of each task's smoke preset, so that every registered task runs in a few seconds
-DETECTION_TINY = ["solver.iterations=2", "solver.batch_size=2", "precise_bn.num_iters=1", "input.min_size_train=[64]",
-                  "input.min_size_test=64", "input.max_size_train=96", "input.max_size_test=96",
-                  "model.rpn_post_nms_topk_train=16", "model.rpn_post_nms_topk_test=8",
-                  "model.roi_batch_size_per_image=8"]
-TINY = {
-    "detection": DETECTION_TINY,
-    "imagenet_linear": ["solver.epochs=1", "solver.steps=[]"],
-    "imagenet_linear_fast": ["probe.max_iter=3"],
-    # COCO: the detection shrink, fewer detections per test image and narrow heads (mask / keypoint / box FC)
-    "instance_segmentation": [*DETECTION_TINY, "model.test_detections_per_img=5", "mask.conv_dim=16"],
-    "keypoints": [*DETECTION_TINY, "model.test_detections_per_img=5", "keypoint.conv_dims=[16,16]",
-                  "model.box_fc_dim=32"],
-    "semantic_segmentation": ["solver.iterations=2", "solver.batch_size=2", "solver.steps=[1]", "input.crop_size=32"],
-}
-
-
-def _tiny(task: str) -> list:
-    return [f"{task}.{o}" for o in TINY.get(task, TINY.get(TASKS[task].family, []))]
+import tiny  # tests/tiny.py
 
 
 def _cfg(task: str, *overrides: str):
@@ -97,7 +78,7 @@ def test_every_task_runs_its_smoke_preset_on_its_synthetic_data(task, tmp_path):
     assert spec.make_synthetic is not None and spec.metrics and spec.effective is not None
     assert config_path(spec, "full").is_file() and config_path(spec, "smoke").is_file()
     args = ["--weights", "random", "--arch", "resnet18", "--tasks", task, "--preset", "smoke", "--output",
-            str(tmp_path), "--engine", "torchvision", "--no-report", *_tiny(task)]
+            str(tmp_path), "--engine", "torchvision", "--no-report", *tiny.overrides(task)]
     assert main(args) == 0
     trial = tmp_path / "random-resnet18" / task / "torchvision" / "trial0"
     rec = json.loads((trial / "metrics.json").read_text())

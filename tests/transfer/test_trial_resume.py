@@ -1,94 +1,113 @@
-"""Built-in detection and segmentation trials killed with SIGKILL and rerun end with exactly the metrics (and the
-fine-tuned weights) of an uninterrupted trial on CPU.
+"""Built-in detection and segmentation trials killed and rerun end with exactly the metrics (and the fine-tuned
+weights) of an uninterrupted trial on CPU.
 
-The kill points are exact: a driver process wraps the engine's functions and kills itself at the n-th training
-step, inside PreciseBN, while a checkpoint is being written (after the temporary file, before its rename), and
-in the middle of the evaluation. Each rerun must continue rather than restart: the test counts the training and
-PreciseBN steps every attempt runs.
+The kills are in-process and exact: the test wraps the engine's functions and raises :class:`Killed` at the n-th
+training step, inside PreciseBN, while a checkpoint is being written (after the temporary file, before its
+rename), and in the middle of the evaluation. ``Killed`` is a BaseException, which no ``except Exception`` of the
+suite catches: like SIGKILL, it records no failure and writes no metrics.json; what a SIGKILL leaves on disk that
+a raise would clean up (the temporary checkpoint file) is put back, and every attempt starts from the same global
+RNG state, as a fresh process does. Each rerun must continue rather than restart: the test counts the training
+and PreciseBN steps every attempt runs.
 """
 import json
 import os
-import signal
-import subprocess
-import sys
+import random
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import tiny  # tests/tiny.py
 from transfer.data.synthetic.voc import make_vocdevkit
-
-ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-# argv: KILL_PHASE KILL_AT STEPS_LOG then run_all's arguments. Phases: train, precise_bn (the n-th step of that
-# phase), save (the n-th checkpoint rename), eval (the n-th evaluated image); "none" runs to the end.
-DRIVER = r"""
-import os, signal, sys
-phase_to_kill, kill_at, steps_log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-import pretrain.utils.io as io
-from transfer.engines.torchvision.detection import trainer
-from transfer.engines.torchvision.segmentation import semseg
-from transfer.evaluation import semseg as semseg_eval, voc as voc_eval
+PHASES = ("train", "precise_bn", "save", "eval")
 
-phase = ["train"]
-counts = {"train": 0, "precise_bn": 0, "save": 0, "eval": 0}
 
-def tick(name):
-    counts[name] += 1
-    with open(steps_log, "a") as f:
-        f.write(name + "\n")
-    if name == phase_to_kill and counts[name] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
+class Killed(BaseException):
+    """Stands in for SIGKILL (see the module docstring)."""
 
-def counted(fn, name):
-    def wrapper(*a, **k):
-        tick(phase[0] if name is None else name)
-        return fn(*a, **k)
-    return wrapper
 
-trainer.train_step = counted(trainer.train_step, None)
-semseg._train_step = counted(semseg._train_step, None)
-voc_eval.VOCDetectionEvaluator.process = counted(voc_eval.VOCDetectionEvaluator.process, "eval")
-semseg_eval.SemSegEvaluator.process = counted(semseg_eval.SemSegEvaluator.process, "eval")
-original_pbn = trainer.precise_bn
-def precise_bn(*a, **k):
-    phase[0] = "precise_bn"
-    return original_pbn(*a, **k)
-trainer.precise_bn = precise_bn
-original_replace = os.replace
-def replace(src, dst):
-    if str(dst).endswith("checkpoint.pth"):
-        tick("save")
-    return original_replace(src, dst)
-io.os.replace = replace
+class Driver:
+    """Runs ``transfer/run_all.py``'s main in this process with the engine's functions wrapped: counts the calls
+    per phase, and kills the attempt at the n-th call of one phase (train and precise_bn: the n-th step of that
+    phase; save: the n-th rename onto checkpoint.pth; eval: the n-th evaluated image)."""
 
-from transfer.run_all import main
-sys.exit(main(sys.argv[4:]))
-"""
+    def __init__(self, monkeypatch):
+        from transfer.engines.torchvision.detection import trainer
+        from transfer.engines.torchvision.segmentation import semseg
+        from transfer.evaluation import semseg as semseg_eval, voc as voc_eval
+
+        self.phase, self.kill, self.at, self.counts, self.left_behind = "train", "none", 0, {}, None
+        self._replace = os.replace
+
+        def counted(fn, name):
+            def wrapper(*a, **k):
+                self._tick(self.phase if name is None else name)
+                return fn(*a, **k)
+            return wrapper
+
+        def precise_bn(*a, **k):
+            self.phase = "precise_bn"
+            return original_pbn(*a, **k)
+
+        def replace(src, dst):
+            if str(dst).endswith("checkpoint.pth"):
+                self._tick("save", keep=src)
+            return self._replace(src, dst)
+
+        original_pbn = trainer.precise_bn
+        monkeypatch.setattr(trainer, "train_step", counted(trainer.train_step, None))
+        monkeypatch.setattr(semseg, "_train_step", counted(semseg._train_step, None))
+        monkeypatch.setattr(voc_eval.VOCDetectionEvaluator, "process",
+                            counted(voc_eval.VOCDetectionEvaluator.process, "eval"))
+        monkeypatch.setattr(semseg_eval.SemSegEvaluator, "process", counted(semseg_eval.SemSegEvaluator.process, "eval"))
+        monkeypatch.setattr(trainer, "precise_bn", precise_bn)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def _tick(self, name, keep=None):
+        self.counts[name] += 1
+        if name == self.kill and self.counts[name] == self.at:
+            if keep is not None:  # the temporary file a SIGKILL leaves behind (atomic_path's finally removes it)
+                self.left_behind = (Path(str(keep) + ".kept"), Path(keep))
+                shutil.copyfile(keep, self.left_behind[0])
+            raise Killed(f"{name} #{self.at}")
+
+    def attempt(self, args, kill: str = "none", at: int = 0) -> dict:
+        """Run the suite once; returns the steps it ran per phase and whether it was killed."""
+        from transfer.run_all import main
+
+        self.phase, self.kill, self.at, self.left_behind = "train", kill, at, None
+        self.counts = dict.fromkeys(PHASES, 0)
+        torch.manual_seed(0), random.seed(0), np.random.seed(0)  # a fresh process's RNGs are all the same
+        try:
+            main(args)
+            killed = False
+        except Killed:
+            killed = True
+        assert killed == (kill != "none"), (kill, at, self.counts)
+        if self.left_behind is not None:
+            self._replace(*self.left_behind)
+        return {"killed": killed, **self.counts}
+
+
+@pytest.fixture
+def driver(monkeypatch):
+    return Driver(monkeypatch)
+
 
 ITERS, PERIOD, PBN = 6, 2, 3
 
 
 def _voc_args(data: Path, out: Path, *extra: str):
     return ["--weights", "random", "--arch", "resnet18", "--tasks", "voc07_det", "--preset", "smoke",
-            "--data-root", str(data), "--output", str(out), "--no-report",
-            "input.min_size_train=[48]", "input.max_size_train=96", "input.min_size_test=48", "input.max_size_test=96",
-            "solver.batch_size=2", f"solver.iterations={ITERS}", "solver.steps=[4]", "solver.warmup_iters=2",
+            "--data-root", str(data), "--output", str(out), "--no-report", *tiny.overrides("voc07_det"),
+            "input.min_size_train=[48]", "input.min_size_test=48",
+            f"solver.iterations={ITERS}", "solver.steps=[4]", "solver.warmup_iters=2",
             f"solver.checkpoint_period={PERIOD}", f"precise_bn.num_iters={PBN}", "log_period=1", *extra]
-
-
-def _attempt(args, tmp: Path, kill: str = "none", at: int = 0) -> dict:
-    """Run the suite under the driver; returns the steps it ran per phase and whether it was killed."""
-    log = tmp / f"steps_{kill}_{at}_{os.urandom(3).hex()}.txt"
-    proc = subprocess.run([sys.executable, "-c", DRIVER, kill, str(at), str(log), *args], cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = log.read_text().split() if log.exists() else []
-    killed = proc.returncode == -signal.SIGKILL
-    assert killed == (kill != "none"), proc.stderr[-3000:]
-    return {"killed": killed, **{p: lines.count(p) for p in ("train", "precise_bn", "save", "eval")}}
 
 
 def _trial(out: Path, task: str) -> Path:
@@ -121,33 +140,35 @@ def voc_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.timeout(600)
-def test_a_detection_trial_killed_four_times_ends_as_an_uninterrupted_one_and_refuses_another_protocol(voc_root, tmp_path):
+def test_a_detection_trial_killed_four_times_ends_as_an_uninterrupted_one_and_refuses_another_protocol(
+        voc_root, tmp_path, driver):
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
-    ref = _attempt(_voc_args(voc_root, ref_out), tmp_path)
+    ref = driver.attempt(_voc_args(voc_root, ref_out))
     assert (ref["train"], ref["precise_bn"], ref["eval"]) == (ITERS, PBN, 4)
 
     # 1. mid-schedule: step 5 dies; checkpoints were written after steps 2 and 4
-    a = _attempt(_voc_args(voc_root, out), tmp_path, "train", 5)
+    a = driver.attempt(_voc_args(voc_root, out), "train", 5)
     assert (a["train"], a["save"]) == (5, 2)
+    assert not (_trial(out, "voc07_det") / "metrics.json").exists()  # a kill records nothing
     # a rerun with another protocol is refused with the reason and touches nothing
-    refused = _attempt(_voc_args(voc_root, out, "solver.base_lr=0.01"), tmp_path)
+    refused = driver.attempt(_voc_args(voc_root, out, "solver.base_lr=0.01"))
     assert refused["train"] == refused["save"] == 0
     rec = json.loads((_trial(out, "voc07_det") / "metrics.json").read_text())
     assert rec["status"] == "failed"
     assert rec["error"].startswith("ProtocolChangedError") and "config.solver.base_lr" in rec["error"]
     # 2. the rerun continues at step 5 (not 1) and dies writing the end-of-schedule checkpoint (its first
     # rename); the checkpoint period is a run setting, not part of the protocol: changing it is no reason to refuse
-    b = _attempt(_voc_args(voc_root, out, "solver.checkpoint_period=3"), tmp_path, "save", 1)
+    b = driver.attempt(_voc_args(voc_root, out, "solver.checkpoint_period=3"), "save", 1)
     assert b["train"] == ITERS - 4 and b["precise_bn"] == 0
+    assert len(list(_trial(out, "voc07_det").glob(".checkpoint.pth.*"))) == 1  # the killed write's temporary file
     # 3. that checkpoint never landed: the rerun trains steps 5-6 again, then dies inside PreciseBN
-    c = _attempt(_voc_args(voc_root, out), tmp_path, "precise_bn", 2)
+    c = driver.attempt(_voc_args(voc_root, out), "precise_bn", 2)
     assert c["train"] == ITERS - 4 and c["precise_bn"] == 2
     # 4. PreciseBN starts over from the end of the schedule (no training); the run dies in the evaluation
-    d = _attempt(_voc_args(voc_root, out), tmp_path, "eval", 3)
+    d = driver.attempt(_voc_args(voc_root, out), "eval", 3)
     assert (d["train"], d["precise_bn"], d["eval"]) == (0, PBN, 3)
     # 5. straight to the evaluation
-    e = _attempt(_voc_args(voc_root, out), tmp_path)
+    e = driver.attempt(_voc_args(voc_root, out))
     assert (e["train"], e["precise_bn"], e["eval"]) == (0, 0, 4)
 
     assert _metrics(out, "voc07_det") == _metrics(ref_out, "voc07_det")
@@ -156,27 +177,26 @@ def test_a_detection_trial_killed_four_times_ends_as_an_uninterrupted_one_and_re
     mine, theirs = _weights(out, "voc07_det"), _weights(ref_out, "voc07_det")
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     # and a finished trial is skipped, as before
-    f = _attempt(_voc_args(voc_root, out), tmp_path)
+    f = driver.attempt(_voc_args(voc_root, out))
     assert (f["train"], f["eval"]) == (0, 0)
 
 
-@pytest.mark.timeout(300)
-def test_a_segmentation_trial_killed_in_training_and_in_evaluation_ends_as_an_uninterrupted_one(tmp_path):
+def test_a_segmentation_trial_killed_in_training_and_in_evaluation_ends_as_an_uninterrupted_one(tmp_path, driver):
     from transfer.data.synthetic.voc_seg import make_voc_seg
 
     data = tmp_path / "data"
     make_voc_seg(data / "VOCdevkit", seed=0, train=6, sbd_only=2, val=3, size_range=(48, 64))
     args = lambda out: ["--weights", "random", "--arch", "resnet18", "--tasks", "voc_semseg",  # noqa: E731
                         "--preset", "smoke", "--data-root", str(data), "--output", str(out), "--no-report",
-                        "input.crop_size=32", "solver.batch_size=2", "solver.iterations=5", "solver.steps=[3]",
+                        *tiny.overrides("voc_semseg"), "solver.iterations=5", "solver.steps=[3]",
                         "solver.checkpoint_period=2", "log_period=1"]
-    ref = _attempt(args(tmp_path / "ref"), tmp_path)
+    ref = driver.attempt(args(tmp_path / "ref"))
     assert (ref["train"], ref["precise_bn"], ref["eval"]) == (5, 0, 3)
     out = tmp_path / "killed"
-    assert _attempt(args(out), tmp_path, "train", 4)["train"] == 4
-    resumed = _attempt(args(out), tmp_path, "eval", 2)  # from the checkpoint after step 2; no PreciseBN here
+    assert driver.attempt(args(out), "train", 4)["train"] == 4
+    resumed = driver.attempt(args(out), "eval", 2)  # from the checkpoint after step 2; no PreciseBN here
     assert (resumed["train"], resumed["eval"]) == (3, 2)
-    assert _attempt(args(out), tmp_path)["train"] == 0
+    assert driver.attempt(args(out))["train"] == 0
     assert _metrics(out, "voc_semseg") == _metrics(tmp_path / "ref", "voc_semseg")
     mine, theirs = _weights(out, "voc_semseg"), _weights(tmp_path / "ref", "voc_semseg")
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)

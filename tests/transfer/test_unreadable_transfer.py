@@ -36,6 +36,8 @@ from transfer.evaluation.voc import VOCDetectionEvaluator
 from transfer.registry import get_task
 from transfer.runner import config_path
 
+import tiny  # tests/tiny.py
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
@@ -216,10 +218,7 @@ def _run_all(root: Path, out: Path, *extra: str) -> dict:
 
     args = ["--weights", "random", "--arch", "resnet18", "--tasks", "coco_fpn_1x", "--preset", "smoke",
             "--data-root", str(root), "--output", str(out), "--engine", "torchvision", "--no-report",
-            "solver.iterations=2", "solver.batch_size=2", "precise_bn.num_iters=1", "input.min_size_train=[48]",
-            "input.min_size_test=48", "input.max_size_train=64", "input.max_size_test=64",
-            "model.rpn_post_nms_topk_train=8", "model.rpn_post_nms_topk_test=4", "model.roi_batch_size_per_image=8",
-            "model.test_detections_per_img=5", "mask.conv_dim=8", *extra]
+            *tiny.overrides("coco_fpn_1x"), *extra]
     code = main(args)
     rec = json.loads((out / "random-resnet18" / "coco_fpn_1x" / "torchvision" / "trial0" / "metrics.json").read_text())
     return {"code": code, **rec}

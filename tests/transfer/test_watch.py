@@ -11,6 +11,8 @@ import torchvision
 from pretrain.data.synthetic import make_imagenet_folders
 from transfer.run_all import main
 
+import tiny  # tests/tiny.py
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -40,7 +42,7 @@ def test_watch_evaluates_new_checkpoints_once_and_survives_restarts(tmp_path):
     out = tmp_path / "watch"
     args = ["--watch", str(run), "--tasks", "imagenet_knn", "--preset", "smoke", "--data-root", str(data),
             "--output", str(out), "--no-report", "--poll", "0.1"]
-    conf = ["data.image_size=16", "data.resize_size=16", "knn.k=2", "knn.ks=[1,2]"]
+    conf = [*tiny.overrides("imagenet_knn", prefixed=False), "knn.k=2", "knn.ks=[1,2]"]
     assert main(args + ["--once", *conf]) == 0
     state = json.loads((out / "watch_state.json").read_text())["evaluated"]
     assert sorted(r["epoch"] for r in state.values()) == [1, 2]
@@ -74,6 +76,6 @@ def test_watch_every_n_epochs(tmp_path):
         _checkpoint(run, e, seed=e)
     out = tmp_path / "watch"
     assert main(["--watch", str(run), "--every", "2", "--once", "--tasks", "imagenet_knn", "--preset", "smoke",
-                 "--data-root", str(data), "--output", str(out), "--no-report", "data.image_size=16",
-                 "data.resize_size=16", "knn.k=1", "knn.ks=[1]"]) == 0
+                 "--data-root", str(data), "--output", str(out), "--no-report",
+                 *tiny.overrides("imagenet_knn", prefixed=False), "knn.k=1", "knn.ks=[1]"]) == 0
     assert set(_table(out)) == {2}
