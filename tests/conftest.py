@@ -1,12 +1,18 @@
 """Fixtures shared by the pretraining and transfer tests."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from transfer.plugins import load_plugins
 
 load_plugins()  # every built-in task and engine, before any test module reads the registry
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the README's command runs one worker per core (pytest-xdist): one intra-op thread each, no oversubscription
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
@@ -18,3 +24,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def restore_registry():
+    """The registry's task and engine tables as they were before the test, restored in place (modules that
+    imported ``TASKS`` or ``ENGINES`` by name keep seeing the same dict)."""
+    from transfer import registry
+
+    saved = {name: dict(getattr(registry, name)) for name in ("TASKS", "ENGINES")}
+    yield registry
+    for name, contents in saved.items():
+        table = getattr(registry, name)
+        table.clear()
+        table.update(contents)

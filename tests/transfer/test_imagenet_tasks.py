@@ -62,10 +62,11 @@ def _ctx(name, data_root, tmp_path, seed=0) -> TrialContext:
                         data_root=data_root, output_dir=tmp_path / "out" / name, cache_dir=tmp_path / "cache")
 
 
-def _cfg(name, *overrides):
+def _cfg(name, *overrides, shrink=True):
+    """The task's smoke preset, shrunk further by tests/tiny.py unless ``shrink=False``."""
     spec = get_task(name)
     return load_config(spec.schema, spec.config_path.parent / "smoke" / spec.config_file,
-                       [*tiny.overrides(name, prefixed=False), *overrides])
+                       [*(tiny.overrides(name, prefixed=False) if shrink else ()), *overrides])
 
 
 def _weights(seed=0, **kw) -> BackboneWeights:
@@ -165,7 +166,7 @@ def learning_signal(tmp: Path, seed: int) -> dict:
         weights = load_backbone_weights(spec, arch="resnet18")
         for task in SIGNAL_TASKS:
             ctx = _ctx(task, tmp / "data", tmp / name, seed=seed)
-            out[f"{name}_{task}"] = ENGINES["torchvision"].implementation(get_task(task).recipe)(_cfg(task), weights, ctx)["top1"]
+            out[f"{name}_{task}"] = ENGINES["torchvision"].implementation(get_task(task).recipe)(_cfg(task, shrink=False), weights, ctx)["top1"]
     return out
 
 

@@ -12,7 +12,6 @@ import pytest
 
 from transfer import doctor, plugins
 from transfer.engines import detectron2 as d2_engine
-from transfer.registry import TASKS
 from transfer.run_all import main
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "plugin_task"
@@ -23,10 +22,9 @@ TINY = ["solver.iterations=4", "solver.steps=[3]", "solver.warmup_iters=1", "sol
 
 
 @pytest.fixture
-def shapes(monkeypatch):
+def shapes(monkeypatch, restore_registry):
     """The plug-in on sys.path; its task leaves the registry when the test ends."""
     monkeypatch.syspath_prepend(str(PLUGIN_DIR))
-    monkeypatch.setattr("transfer.registry.TASKS", dict(TASKS))
     monkeypatch.setattr(plugins, "_loaded", set(plugins._loaded))
     monkeypatch.delitem(sys.modules, "shapes_task", raising=False)
     yield "shapes_fpn_1x"

@@ -53,9 +53,7 @@ def _spec(name: str, recipe: str = "_probe") -> TaskSpec:
                     recipe=recipe)
 
 
-def test_bad_registrations_raise(monkeypatch):
-    monkeypatch.setattr("transfer.registry.TASKS", dict(TASKS))
-    monkeypatch.setattr("transfer.registry.ENGINES", dict(ENGINES))
+def test_bad_registrations_raise(restore_registry):
     from transfer import registry
 
     register_task(_spec("_dup"))
@@ -72,22 +70,27 @@ def test_bad_registrations_raise(monkeypatch):
     assert "_dup" in registry.TASKS
 
 
-def _engines(monkeypatch, *engines: Engine) -> None:
-    monkeypatch.setattr("transfer.registry.ENGINES", {e.name: e for e in engines})
+@pytest.fixture
+def engines(restore_registry):
+    """Replace the registered engines (in place) with the given ones until the test ends."""
+    def use(*declared: Engine) -> None:
+        ENGINES.clear()
+        ENGINES.update({e.name: e for e in declared})
+    return use
 
 
 def _impl(tag):
     return lambda cfg, weights, ctx: {"tag": tag}
 
 
-def test_resolve_prefers_the_most_preferred_engine_that_can_run_the_trial(monkeypatch, caplog):
+def test_resolve_prefers_the_most_preferred_engine_that_can_run_the_trial(engines, caplog):
     spec = _spec("_r")
     low = Engine("low", "", {"_probe": _impl(0)}, preference=0)
     high = Engine("high", "", {"_probe": _impl(1)}, preference=5,
                   refuses=lambda spec, cfg, weights: "too small" if cfg.x < 1 else None)
     gone = Engine("gone", "", {"_probe": _impl(2)}, preference=9, unavailable=lambda: "not installed: pip install gone")
     other = Engine("other", "", {"_else": _impl(3)}, preference=99)
-    _engines(monkeypatch, low, high, gone, other)
+    engines(low, high, gone, other)
     assert resolve(spec, "auto", _Cfg(1))[0] == "high"
     assert resolve(spec, "auto", _Cfg(0))[0] == "low"  # the preferred one refuses this trial: the next one runs it
     with pytest.raises(EngineUnavailableError, match="too small"):  # a named engine refuses, never swaps
@@ -101,7 +104,7 @@ def test_resolve_prefers_the_most_preferred_engine_that_can_run_the_trial(monkey
     assert name == "high" and impl(None, None, None) == {"tag": 1}
     assert "does not implement '_probe'" in caplog.text
     assert unavailable_everywhere(spec) is None
-    _engines(monkeypatch, gone, other)
+    engines(gone, other)
     assert "pip install gone" in unavailable_everywhere(spec)
     with pytest.raises(EngineUnavailableError, match="no engine can run _r here"):
         resolve(spec, "auto", _Cfg(1))
@@ -146,13 +149,12 @@ register_engine(Engine("fake", "counts images", {"voc_detection": count_images},
 '''
 
 
-def test_a_third_engine_registered_from_tests_runs_a_task(tmp_path, monkeypatch):
+def test_a_third_engine_registered_from_tests_runs_a_task(tmp_path, monkeypatch, restore_registry):
     from transfer.data.synthetic.voc import make_vocdevkit
     from transfer.run_all import main
 
     (tmp_path / "fake_engine_plugin.py").write_text(textwrap.dedent(FAKE_ENGINE))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr("transfer.registry.ENGINES", dict(ENGINES))  # the plug-in's engine goes when the test ends
     monkeypatch.setattr(plugins, "_loaded", set(plugins._loaded))
     monkeypatch.delitem(sys.modules, "fake_engine_plugin", raising=False)
     make_vocdevkit(tmp_path / "data" / "VOCdevkit", seed=0, trainval_2007=2, test_2007=3, trainval_2012=1,
