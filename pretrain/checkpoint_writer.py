@@ -1,5 +1,6 @@
 """The run's checkpoint files: ``checkpoint_last.pth`` every ``solver.checkpoint_period`` steps within an epoch
-and at every epoch end, ``checkpoint_%04d.pth`` every ``run.keep_period_epochs`` epochs and after the last one.
+and every ``run.last_period_epochs`` epochs, ``checkpoint_%04d.pth`` every ``run.keep_period_epochs`` epochs; both
+after the last epoch, and ``checkpoint_last.pth`` with every kept file, so that it is never older than one.
 Layout: :mod:`pretrain.checkpoint`."""
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class CheckpointWriter:
         self.out, self.moco, self.optimizer, self.tracker = Path(cfg.run.output_dir), moco, optimizer, tracker
         self.arch, self.config = cfg.model.arch, config_to_dict(cfg)
         self.period, self.keep, self.num_epochs = cfg.solver.checkpoint_period, cfg.run.keep_period_epochs, num_epochs
+        self.last_period = cfg.run.last_period_epochs
 
     def write(self, name: str, epoch: int, start_iter: int, global_step: int) -> None:
         """``<output_dir>/name`` resuming at iteration ``start_iter`` of ``epoch``."""
@@ -42,8 +44,11 @@ class CheckpointWriter:
             self.write(ckpt_io.LAST, epoch, done, global_step)
 
     def after_epoch(self, epochs_done: int, global_step: int) -> None:
-        self.write(ckpt_io.LAST, epochs_done, 0, global_step)
-        if epochs_done % self.keep == 0 or epochs_done == self.num_epochs:
+        final = epochs_done == self.num_epochs
+        keep = epochs_done % self.keep == 0 or final
+        if keep or epochs_done % self.last_period == 0:
+            self.write(ckpt_io.LAST, epochs_done, 0, global_step)
+        if keep:
             self.write(f"checkpoint_{epochs_done:04d}.pth", epochs_done, 0, global_step)
 
     @property

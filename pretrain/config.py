@@ -71,7 +71,8 @@ class RunConfig:
     output_dir: str = "output/pretrain"
     device: str = "auto"
     resume: str = ""  # "", a checkpoint path, or "auto" (last checkpoint in output_dir)
-    keep_period_epochs: int = 10  # keep checkpoint_%04d.pth every N epochs (checkpoint_last.pth always)
+    keep_period_epochs: int = 10  # keep checkpoint_%04d.pth every N epochs and after the last
+    last_period_epochs: int = 1  # checkpoint_last.pth every N epochs (and with every kept one, and after the last)
     tensorboard: bool = True
 
 
@@ -120,6 +121,9 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError("solver.schedule=exp_step is iteration-based: set solver.iterations > 0")
     if cfg.knn.period_epochs > 0 and not (cfg.knn.train_root and cfg.knn.val_root):
         raise ConfigError("knn.period_epochs > 0 needs knn.train_root and knn.val_root (labelled class folders)")
+    for key in ("keep_period_epochs", "last_period_epochs"):
+        if getattr(cfg.run, key) < 1:
+            raise ConfigError(f"run.{key}={getattr(cfg.run, key)}: must be at least 1 (epochs between two writes)")
     if cfg.run.resume not in ("", "auto") and not Path(cfg.run.resume).is_file():
         raise ConfigError(f"run.resume={cfg.run.resume!r}: no such checkpoint file")
 

@@ -38,3 +38,9 @@ def restore_registry():
         table = getattr(registry, name)
         table.clear()
         table.update(contents)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``slow`` first (a stable sort): with one worker per core (``--dist loadfile``) the longest
+    file then starts at once instead of last, which would leave the other worker idle at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -50,6 +50,8 @@ def test_config_errors(tmp_path):
         load_pretrain_config(SMOKE, ["model.queue_sizee=3"])
     with pytest.raises(ConfigError, match="data.aug='v3'"):
         load_pretrain_config(SMOKE, ["data.aug=v3"])
+    with pytest.raises(ConfigError, match="run.last_period_epochs=0: must be at least 1"):
+        load_pretrain_config(SMOKE, ["run.last_period_epochs=0"])
     cfg = load_pretrain_config(SMOKE, ["model.queue_size=100", "solver.batch_size=32"])
     with pytest.raises(ConfigError, match="queue_size=100 must be a multiple of the global batch"):
         check_run(cfg, world_size=1)

@@ -73,3 +73,19 @@ def test_resumable_sampler_partitions_and_skips():
     assert [i for i, _ in s] != [i for i, _ in per_rank[0]]
     with pytest.raises(ValueError, match="fewer than one global batch"):
         ResumableSampler(7, 4, num_replicas=2)
+
+
+def test_checkpoint_files_follow_their_periods_and_last_is_never_older_than_a_kept_one(tmp_path):
+    from pretrain.checkpoint_writer import CheckpointWriter
+
+    cfg = load_pretrain_config(REPO / "configs/pretrain/smoke.yaml", [
+        f"run.output_dir={tmp_path}", "run.keep_period_epochs=4", "run.last_period_epochs=3"])
+    writer = CheckpointWriter(cfg, moco=None, optimizer=None, num_epochs=10)
+    written = []
+    writer.write = lambda name, epoch, start_iter, step: written.append((name, epoch))
+    for epoch in range(1, 11):
+        writer.after_epoch(epoch, global_step=epoch * 6)
+    last = [e for name, e in written if name == "checkpoint_last.pth"]
+    kept = [e for name, e in written if name != "checkpoint_last.pth"]
+    assert last == [3, 4, 6, 8, 9, 10] and kept == [4, 8, 10]
+    assert [name for name, e in written if e == 8] == ["checkpoint_last.pth", "checkpoint_0008.pth"]

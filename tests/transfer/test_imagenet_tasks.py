@@ -146,7 +146,8 @@ def make_rgb_image():
 # 33.5/41, 31.5/36; 24 px, 120 it: 29/39, 31/42; 32 px, 120 it: 28.5/29, 27.5/33.5. None beats random init on
 # kNN. The linear protocol's margin is no evidence alone: the 16 px run with solver.base_lr=0 (no learning, BN
 # statistics only) still gave linear 23.5 vs 13.5 for random init (kNN 32.5 vs 41).
-SIGNAL_PRETRAIN = ["data.num_workers=0", "run.tensorboard=false", "run.keep_period_epochs=1000", "knn.period_epochs=0"]
+SIGNAL_PRETRAIN = ["data.num_workers=0", "run.tensorboard=false", "run.keep_period_epochs=1000",
+                   "run.last_period_epochs=1000", "knn.period_epochs=0"]  # one checkpoint, after the last epoch
 SIGNAL_TASKS = ("imagenet_knn", "imagenet_linear")  # their smoke presets, as tools/smoke.sh runs them
 
 
