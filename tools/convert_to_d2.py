@@ -31,7 +31,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  "'supervised_msra=FILE'")
     p.add_argument("output", help="output file: .pkl for detectron2, .pth for torchvision")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: from the output suffix")
-    p.add_argument("--encoder", choices=("query", "key"), default="query")
+    p.add_argument("--encoder", default=None, help="which encoder to convert (default: the layout's, e.g. MoCo's "
+                                                   "query encoder, DINO's teacher); also INPUT:encoder=NAME")
     p.add_argument("--arch", choices=sorted(ARCHS), default=None, help="default: inferred from the blocks")
     a = p.parse_args(argv)
     try:

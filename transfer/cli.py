@@ -69,7 +69,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--once", action="store_true", help="--watch: evaluate what is there now, then stop")
     p.add_argument("--name", default=None, help="weights name used in results/ (default: from the weights)")
     p.add_argument("--arch", default=None, help="ResNet depth when it cannot be inferred (e.g. with 'random')")
-    p.add_argument("--encoder", default="query", choices=("query", "key"), help="which MoCo encoder to transfer")
+    p.add_argument("--encoder", default=None,
+                   help="which encoder of the checkpoint to transfer (default: its layout's, e.g. MoCo's query "
+                        "encoder, DINO's teacher); also FILE:encoder=NAME. Names: README 'Conversion'")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (every registered task)")
     p.add_argument("--trials", type=_positive, default=None,
                    help="trials per task (default: the protocol's, e.g. 5 for VOC; 1 with --preset smoke)")

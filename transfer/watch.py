@@ -117,7 +117,7 @@ def write_progress(output: Path, state: Dict[str, dict], tasks: List[str]) -> Li
 
 
 def watch(pretrain_dir: Path, opts: SuiteOptions, device: torch.device, every: int = 1, poll_s: float = 300.0,
-          once: bool = False, arch: Optional[str] = None, encoder: str = "query") -> Dict[str, dict]:
+          once: bool = False, arch: Optional[str] = None, encoder: Optional[str] = None) -> Dict[str, dict]:
     """Evaluate each new periodic checkpoint of ``pretrain_dir`` with ``opts.tasks`` until the run's last
     epoch is done (or one pass with ``once``). Returns the state: ``{sha256: {epoch, file, name, metrics}}``."""
     from transfer.weights.resolve import load_backbone_weights

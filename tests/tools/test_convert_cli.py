@@ -55,7 +55,8 @@ def test_detectron2_output(tool, moco_ckpt, resnet18, tmp_path, capsys):
     assert tool.main([str(moco_ckpt), str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "converted 100 tensors of resnet18 (moco_v1v2, query encoder)" in stdout
-    for group in ("module.encoder_k: 104", "module.encoder_q.fc: 4", "*.num_batches_tracked: 40", "module.queue: 1"):
+    for group in ("state_dict/encoder_k. (encoder key): 100", "encoder_k.fc: 4", "encoder_q.fc: 4",
+                  "*.num_batches_tracked: 40", "queue: 1", "encoder query: the layout's default: the query encoder"):
         assert group in stdout
     with open(out, "rb") as f:  # our own file: plain pickle is fine here
         obj = pickle.load(f)
@@ -119,7 +120,7 @@ def make_input(kind: str, d: Path, moco_ckpt: Path) -> tuple[Path, list[str], st
         return d / "evil.pkl", [], "refusing to load posix.system"
     if kind == "code_torch":
         torch.save({"state_dict": RunsCode(d / "PWNED")}, d / "evil.pth")
-        return d / "evil.pth", [], "weights_only"
+        return d / "evil.pth", [], r"refusing to load: the file names \['posix.system'\]"
     if kind == "suffix_mismatch":
         return moco_ckpt, ["--format", "torchvision"], "use a .pkl name for detectron2"
     raise KeyError(kind)

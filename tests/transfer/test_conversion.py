@@ -76,7 +76,7 @@ def build(layout: str, q_model: nn.Module, k_model: nn.Module):
                 "global_step": 12, "rng": {"torch": torch.get_rng_state()}, "sampler": {"epoch": 3}}, ".pth", "moco_v1v2"
     if layout == "moco_nodp":
         return {"state_dict": {**prefixed(q, "encoder_q."), **prefixed(k, "encoder_k."), "queue": torch.randn(16, 8)}}, \
-            ".pth", "moco_v1v2_nodp"
+            ".pth", "moco_v1v2"
     if layout == "moco_v3":
         sd = {**prefixed(q, "module.base_encoder."), **prefixed(k, "module.momentum_encoder."),
               "module.predictor.0.weight": torch.randn(32, 16), "module.predictor.3.weight": torch.randn(16, 32)}
@@ -86,7 +86,7 @@ def build(layout: str, q_model: nn.Module, k_model: nn.Module):
     if layout == "torchvision_nested":
         return {"state_dict": q}, ".pth", "torchvision"
     if layout == "module_prefixed":
-        return prefixed(q, "module."), ".pth", "module_prefixed"
+        return prefixed(q, "module."), ".pth", "torchvision"  # DataParallel's module. is a wrapper, removed
     if layout == "backbone_model":
         return {"model": prefixed(q, "backbone."), "iteration": 5}, ".pth", "backbone_prefixed"
     if layout == "detectron2_pkl":  # MoCo's own converter output, with its stray stem.fc.* names
@@ -137,7 +137,7 @@ def test_every_layout_converts_tensor_for_tensor(layout, encoders, tmp_path):
         tv = to_torchvision(backbone)
         assert all(torch.equal(tv[n], t) for n, t in ref.items())
         if encoder == "query" and layout in ("moco_v1", "moco_v2", "project"):
-            assert info["dropped"]["module.encoder_q.fc"] == (2 if layout == "moco_v1" else 4)
+            assert info["dropped"]["encoder_q.fc"] == (2 if layout == "moco_v1" else 4)
     if layout == "detectron2_pkl":
         assert info["dropped"] == {"stem.fc": 1}
 
@@ -146,8 +146,9 @@ def test_dropped_counts_by_prefix(encoders):
     obj, _, _ = build("moco_v2", *encoders)
     _, info = extract_backbone(obj)
     # 20 BN counters per encoder; the key encoder's 100 + 4 head tensors; the v2 head fc.0 / fc.2
-    assert info["dropped"] == {"*.num_batches_tracked": 40, "module.encoder_k": 104, "module.encoder_q.fc": 4,
-                               "module.queue": 1, "module.queue_ptr": 1}
+    assert info["dropped"] == {"*.num_batches_tracked": 40, "encoder_q.fc": 4, "encoder_k.fc": 4, "queue": 1,
+                               "queue_ptr": 1, "state_dict/encoder_k. (encoder key)": 100}
+    assert info["wrappers_removed"] == {"module.": 250} and info["encoder_reason"].startswith("the layout's default")
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -165,7 +166,7 @@ def test_names_and_shapes_match_torchvision(arch):
 def test_prefix_is_matched_at_the_start_only():
     # "module.encoder_q." inside another key must not be taken for the query encoder
     sd = {"head.module.encoder_q.conv1.weight": torch.zeros(64, 3, 7, 7)}
-    with pytest.raises(ConversionError, match="unknown checkpoint layout.*head.module"):
+    with pytest.raises(ConversionError, match="unknown checkpoint layout.*Entries found: head.encoder_q"):
         extract_backbone(sd)
 
 
@@ -184,7 +185,7 @@ def test_wrong_depth_and_missing_tensor_fail(encoders):
 def test_empty_model_and_key_encoder_of_single_network():
     with pytest.raises(ConversionError, match="empty model"):
         extract_backbone({"state_dict": {}, "epoch": 0})
-    with pytest.raises(ConversionError, match="no key encoder"):
+    with pytest.raises(ConversionError, match="holds a single network: there is no 'key' encoder"):
         extract_backbone({"conv1.weight": torch.zeros(64, 3, 7, 7)}, encoder="key")
 
 

@@ -1,29 +1,26 @@
-"""Backbone conversion as pure functions: find the ResNet in a checkpoint, check it, rename it.
+"""Backbone conversion as pure functions: check the ResNet a checkpoint holds, rename it, say what input it needs.
 
 No file I/O and no printing here (``transfer/weights/files.py`` and ``tools/convert_to_d2.py`` do that),
-so the runner can convert a raw pretraining checkpoint on the fly with exactly the code the CLI uses.
-
-Names follow torchvision's ResNet (``conv1``, ``bn1``, ``layer1.0.conv1`` ...). Detectron2 names
-(``detectron2/modeling/backbone/resnet.py``: ``BasicStem.conv1`` with its ``norm``; stages ``res2..res5``;
-``BottleneckBlock``/``BasicBlock`` with ``conv{k}`` + ``conv{k}.norm`` and ``shortcut`` + ``shortcut.norm``)
-are produced by parsing whole dotted components, never by ``str.replace`` in the middle of a key (MoCo's
-converter rewrites ``fc`` into ``stem.fc`` that way).
-
-Caffe2 names (the MSRA ImageNet ResNets of Detectron's model zoo, e.g. Detectron2's
-``ImageNetPretrained/MSRA/R-50.pkl``, flat or under ``blobs``) are read too: ``conv1_w``,
-``res_conv1_bn_{s,b}``, ``res{2-5}_{block}_branch2{a,b,c}_w`` (+ ``_bn_{s,b}``), ``res{2-5}_0_branch1_w``
-(the shortcut); the names Detectron2's ``detectron2/checkpoint/c2_model_loading.py`` renames. Their BN is
-folded into a scale and a bias (caffe2's AffineChannel) with no running statistics; see
-:func:`fill_folded_bn_stats`. Their input convention is the opposite of torchvision's (:func:`input_settings`).
+so the runner can convert a raw pretraining checkpoint on the fly with exactly the code the CLI uses. Where
+the backbone sits in each codebase's checkpoint: ``transfer/weights/layouts.py``; tensor names:
+``transfer/weights/names.py``. MSRA caffe2 weights have their BN folded into a scale and a bias (caffe2's
+AffineChannel) with no running statistics (:func:`~transfer.weights.layouts.fill_folded_bn_stats`) and the
+opposite input convention to torchvision's (:func:`input_settings`).
 """
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
 from typing import Iterable, Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
+
+from transfer.weights.layouts import CAFFE2_LAYOUTS, LAYOUTS, detect_layout, extract_backbone, fill_folded_bn_stats
+from transfer.weights.names import BN_PARAMS, ConversionError, c2_to_tv_name, d2_to_tv_name, tv_to_d2_name
+
+__all__ = ["ARCHS", "CAFFE2_LAYOUTS", "LAYOUTS", "ConversionError", "c2_to_tv_name", "d2_to_tv_name",
+           "detect_layout", "detectron2_overlay", "expected_shapes", "extract_backbone", "fill_folded_bn_stats",
+           "infer_arch", "input_settings", "state_mismatch", "to_detectron2", "to_torchvision", "tv_to_d2_name",
+           "verify_backbone"]
 
 # torchvision / MoCo convention: RGB, ImageNet mean and std on the 0-255 scale, stride in the 3x3 conv.
 TORCHVISION_PIXEL_MEAN = [123.675, 116.280, 103.530]
@@ -32,11 +29,7 @@ TORCHVISION_PIXEL_STD = [58.395, 57.120, 57.375]
 # RESNETS.STRIDE_IN_1X1 True): BGR, mean in BGR order, std 1 on the 0-255 scale, stride in the 1x1 conv.
 MSRA_PIXEL_MEAN = [103.530, 116.280, 123.675]
 MSRA_PIXEL_STD = [1.0, 1.0, 1.0]
-# torchvision's BatchNorm2d eps; a folded caffe2 BN gets running_var = 1 - eps so that eval-mode BN is exactly
-# the affine scale/bias (Detectron2's FrozenBatchNorm2d initialises running_var the same way)
-BN_EPS = 1e-5
 
-BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
 # (block type, blocks per stage) of torchvision's ResNets (He et al. 2016, Table 1)
 ARCHS: Dict[str, Tuple[str, Tuple[int, int, int, int]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
@@ -45,245 +38,6 @@ ARCHS: Dict[str, Tuple[str, Tuple[int, int, int, int]]] = {
     "resnet101": ("bottleneck", (3, 4, 23, 3)),
     "resnet152": ("bottleneck", (3, 8, 36, 3)),
 }
-
-
-class ConversionError(ValueError):
-    """The checkpoint holds no usable ResNet backbone, or not the one asked for."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    name: str
-    query: str  # prefix of the query (base) encoder
-    key: Optional[str]  # prefix of the momentum encoder; None when the file holds one network
-    naming: str = "torchvision"  # or "detectron2" or "caffe2"
-
-
-# Checked in full: a layout matches when some key under one of its prefixes is a backbone name.
-LAYOUTS = (
-    Layout("moco_v1v2", "module.encoder_q.", "module.encoder_k."),  # official MoCo v1/v2 and this project
-    Layout("moco_v1v2_nodp", "encoder_q.", "encoder_k."),  # the same model saved without the DDP wrapper
-    Layout("moco_v3", "module.base_encoder.", "module.momentum_encoder."),
-    Layout("moco_v3_nodp", "base_encoder.", "momentum_encoder."),
-    Layout("module_prefixed", "module.", None),
-    Layout("backbone_prefixed", "backbone.", None),
-    Layout("module_backbone_prefixed", "module.backbone.", None),
-    Layout("torchvision", "", None),
-    Layout("detectron2", "", None, naming="detectron2"),  # a converter output read back
-    Layout("msra_caffe2", "", None, naming="caffe2"),  # MSRA ImageNet ResNets of Detectron's model zoo
-)
-# layouts whose weights need the MSRA caffe2 input convention
-CAFFE2_LAYOUTS = frozenset(lay.name for lay in LAYOUTS if lay.naming == "caffe2")
-
-
-def tv_to_d2_name(name: str) -> Optional[str]:
-    """Detectron2 name of a torchvision ResNet backbone tensor, or None if ``name`` is not one.
-
-    ``conv1``->``stem.conv1``, ``bn1``->``stem.conv1.norm``, ``layer{i}.{b}``->``res{i+1}.{b}``,
-    ``bn{k}``->``conv{k}.norm``, ``downsample.0``->``shortcut``, ``downsample.1``->``shortcut.norm``.
-    ``fc.*``, heads and ``num_batches_tracked`` give None.
-    """
-    p = name.split(".")
-    if p == ["conv1", "weight"]:
-        return "stem.conv1.weight"
-    if len(p) == 2 and p[0] == "bn1" and p[1] in BN_PARAMS:
-        return "stem.conv1.norm." + p[1]
-    if len(p) < 4 or p[0] not in ("layer1", "layer2", "layer3", "layer4") or not p[1].isdigit():
-        return None
-    stage, rest = f"res{int(p[0][5]) + 1}.{p[1]}", p[2:]
-    if len(rest) == 2 and rest[0] in ("conv1", "conv2", "conv3") and rest[1] == "weight":
-        return f"{stage}.{rest[0]}.weight"
-    if len(rest) == 2 and rest[0] in ("bn1", "bn2", "bn3") and rest[1] in BN_PARAMS:
-        return f"{stage}.conv{rest[0][2]}.norm.{rest[1]}"
-    if rest == ["downsample", "0", "weight"]:
-        return f"{stage}.shortcut.weight"
-    if len(rest) == 3 and rest[:2] == ["downsample", "1"] and rest[2] in BN_PARAMS:
-        return f"{stage}.shortcut.norm.{rest[2]}"
-    return None
-
-
-def d2_to_tv_name(name: str) -> Optional[str]:
-    """Inverse of :func:`tv_to_d2_name`; None for anything else (e.g. MoCo's stray ``stem.fc.*``)."""
-    p = name.split(".")
-    if p == ["stem", "conv1", "weight"]:
-        return "conv1.weight"
-    if len(p) == 4 and p[:3] == ["stem", "conv1", "norm"] and p[3] in BN_PARAMS:
-        return "bn1." + p[3]
-    if len(p) < 4 or p[0] not in ("res2", "res3", "res4", "res5") or not p[1].isdigit():
-        return None
-    stage, rest = f"layer{int(p[0][3]) - 1}.{p[1]}", p[2:]
-    conv = rest[0] in ("conv1", "conv2", "conv3")
-    if len(rest) == 2 and conv and rest[1] == "weight":
-        return f"{stage}.{rest[0]}.weight"
-    if len(rest) == 3 and conv and rest[1] == "norm" and rest[2] in BN_PARAMS:
-        return f"{stage}.bn{rest[0][4]}.{rest[2]}"
-    if rest == ["shortcut", "weight"]:
-        return f"{stage}.downsample.0.weight"
-    if len(rest) == 3 and rest[:2] == ["shortcut", "norm"] and rest[2] in BN_PARAMS:
-        return f"{stage}.downsample.1.{rest[2]}"
-    return None
-
-
-_C2_BN = {"s": "weight", "b": "bias", "rm": "running_mean", "riv": "running_var"}
-
-
-def c2_to_tv_name(name: str) -> Optional[str]:
-    """torchvision name of a caffe2 ResNet backbone blob, or None if ``name`` is not one.
-
-    ``conv1_w``->``conv1.weight``, ``res_conv1_bn_{s,b}``->``bn1.{weight,bias}``,
-    ``res{s}_{b}_branch2{a,b,c}_w``->``layer{s-1}.{b}.conv{1,2,3}.weight`` (``_bn_s`` ... -> ``bn{k}``),
-    ``res{s}_{b}_branch1_w``->``layer{s-1}.{b}.downsample.0.weight`` (``_bn_s`` ... -> ``downsample.1``).
-    ``fc1000_*``, ``*_momentum`` and anything else give None.
-    """
-    p = name.split("_")
-    if p == ["conv1", "w"]:
-        return "conv1.weight"
-    if len(p) == 4 and p[:3] == ["res", "conv1", "bn"] and p[3] in _C2_BN:
-        return "bn1." + _C2_BN[p[3]]
-    if len(p) not in (4, 5) or p[0] not in ("res2", "res3", "res4", "res5") or not p[1].isdigit():
-        return None
-    stage, branch, rest = f"layer{int(p[0][3]) - 1}.{int(p[1])}", p[2], p[3:]
-    if branch in ("branch2a", "branch2b", "branch2c"):
-        k = "abc".index(branch[-1]) + 1
-        conv, bn = f"conv{k}", f"bn{k}"
-    elif branch == "branch1":
-        conv, bn = "downsample.0", "downsample.1"
-    else:
-        return None
-    if rest == ["w"]:
-        return f"{stage}.{conv}.weight"
-    if len(rest) == 2 and rest[0] == "bn" and rest[1] in _C2_BN:
-        return f"{stage}.{bn}.{_C2_BN[rest[1]]}"
-    return None
-
-
-def _to_tv(name: str, naming: str) -> Optional[str]:
-    if naming == "detectron2":
-        return d2_to_tv_name(name)
-    if naming == "caffe2":
-        return c2_to_tv_name(name)
-    return name if tv_to_d2_name(name) is not None else None
-
-
-def unwrap_state_dict(checkpoint: Any) -> Tuple[Mapping[str, Any], Optional[str]]:
-    """The flat state dict inside a checkpoint, and the key it was nested under (``state_dict``/``model``)."""
-    if not isinstance(checkpoint, Mapping):
-        raise ConversionError(f"expected a dict of tensors, got {type(checkpoint).__name__}")
-    nested = []
-    sd: Mapping[str, Any] = checkpoint
-    for _ in range(2):  # e.g. {"state_dict": {...}}, {"model": {...}, "__author__": ...}, caffe2's {"blobs": {...}}
-        inner = next((k for k in ("state_dict", "model", "blobs") if isinstance(sd.get(k), Mapping)), None)
-        if inner is None:
-            break
-        nested.append(inner)
-        sd = sd[inner]
-    if not any(_is_array(v) for v in sd.values()):
-        where = ".".join(nested) or "the top level"
-        raise ConversionError(f"empty model: no tensors under {where} (top-level keys: {sorted(map(str, checkpoint))})")
-    return sd, ".".join(nested) or None
-
-
-def _is_array(v: Any) -> bool:
-    return isinstance(v, (torch.Tensor, np.ndarray))
-
-
-def _matches(sd: Mapping[str, Any], prefix: Optional[str], naming: str) -> bool:
-    return prefix is not None and any(
-        k.startswith(prefix) and _to_tv(k[len(prefix):], naming) is not None for k in sd)
-
-
-def _prefix_summary(sd: Mapping[str, Any], limit: int = 20) -> str:
-    counts = sorted(Counter(".".join(str(k).split(".")[:2]) for k in sd).items())
-    more = f", ... ({len(counts) - limit} more)" if len(counts) > limit else ""
-    return ", ".join(f"{p} ({n})" for p, n in counts[:limit]) + more
-
-
-def _detect(sd: Mapping[str, Any]) -> Layout:
-    found = [lay for lay in LAYOUTS if _matches(sd, lay.query, lay.naming) or _matches(sd, lay.key, lay.naming)]
-    if not found:
-        known = ", ".join(sorted({lay.query or "no prefix" for lay in LAYOUTS}))
-        raise ConversionError(
-            "unknown checkpoint layout: no ResNet backbone tensor (conv1/bn1/layer1-4, Detectron2 "
-            f"stem/res2-5, or caffe2 conv1_w/res2_0_branch2a_w) under any known prefix ({known}). "
-            f"Prefixes found: {_prefix_summary(sd)}")
-    if len(found) > 1:
-        raise ConversionError(f"ambiguous checkpoint layout: matches {[lay.name for lay in found]}")
-    return found[0]
-
-
-def detect_layout(checkpoint: Any) -> str:
-    """Name of the layout of a checkpoint or state dict (see ``LAYOUTS``); raises ConversionError if none fits."""
-    sd, _ = unwrap_state_dict(checkpoint)
-    return _detect(sd).name
-
-
-def _drop_group(key: str, prefix: str, naming: str) -> str:
-    """Label used to count dropped keys: ``module.encoder_q.fc``, ``module.encoder_k``, ``module.queue``;
-    caffe2 blobs: ``fc1000``, ``*_momentum``."""
-    if key.endswith(".num_batches_tracked"):
-        return "*.num_batches_tracked"
-    if naming == "caffe2":
-        return "*_momentum" if key.endswith("_momentum") else key.rsplit("_", 1)[0]
-    if prefix and key.startswith(prefix):
-        return prefix + key[len(prefix):].split(".")[0]
-    parts = key.split(".")
-    if not prefix:  # one network: drop the parameter name: ``fc.weight`` -> ``fc``, ``stem.fc.0.weight`` -> ``stem.fc``
-        return ".".join(parts[:max(1, min(2, len(parts) - 1))])
-    return ".".join(parts[:2])
-
-
-def extract_backbone(checkpoint: Any, encoder: str = "query") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """Torchvision-named backbone tensors of one encoder, and what was done to get them.
-
-    checkpoint: any supported layout, flat or nested under ``state_dict``/``model``; values are tensors or
-    numpy arrays. encoder: ``query`` (MoCo's ``encoder_q``, v3's ``base_encoder``; the one used for
-    transfer in the paper) or ``key`` (the momentum encoder).
-    Returns ``(backbone_sd, info)``: backbone_sd maps e.g. ``layer1.0.conv1.weight`` to a float tensor of
-    the checkpoint's shape, without ``fc.*``, heads or ``num_batches_tracked``; info holds ``layout``,
-    ``encoder``, ``prefix``, ``nested_under``, ``num_tensors`` and ``dropped`` (count per key group).
-    """
-    if encoder not in ("query", "key"):
-        raise ConversionError(f"encoder must be 'query' or 'key', got {encoder!r}")
-    sd, nested = unwrap_state_dict(checkpoint)
-    layout = _detect(sd)
-    prefix = layout.query if encoder == "query" else layout.key
-    if prefix is None:
-        raise ConversionError(f"layout {layout.name} holds a single network: there is no key encoder")
-    out: Dict[str, torch.Tensor] = {}
-    dropped: Counter = Counter()
-    for k, v in sd.items():
-        tv = _to_tv(k[len(prefix):], layout.naming) if k.startswith(prefix) else None
-        if tv is None or not _is_array(v):
-            dropped[_drop_group(k, prefix, layout.naming)] += 1
-            continue
-        if tv in out:
-            raise ConversionError(f"two checkpoint keys map to {tv}")
-        t = torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v.detach().cpu().clone()
-        out[tv] = t.contiguous()
-    if not out:
-        raise ConversionError(f"layout {layout.name}: no backbone tensor under prefix {prefix!r}; "
-                              f"prefixes found: {_prefix_summary(sd)}")
-    filled = fill_folded_bn_stats(out) if layout.naming == "caffe2" else 0
-    info = {"layout": layout.name, "encoder": encoder, "prefix": prefix, "nested_under": nested,
-            "num_tensors": len(out), "dropped": dict(sorted(dropped.items())), "filled_bn_stats": filled}
-    return out, info
-
-
-def fill_folded_bn_stats(backbone_sd: Dict[str, torch.Tensor], eps: float = BN_EPS) -> int:
-    """Give every BN of a caffe2 backbone that has a scale but no running statistics (AffineChannel: the
-    statistics were folded into scale and bias) ``running_mean`` 0 and ``running_var`` 1 - eps, so that
-    BN in eval mode computes exactly ``x * weight + bias``. In place; returns the number of tensors added.
-    BN layers are the 1-D ``.weight`` tensors (convolution weights are 4-D)."""
-    added = 0
-    for k in [k for k, v in backbone_sd.items() if k.endswith(".weight") and v.dim() == 1]:
-        base, w = k[: -len(".weight")], backbone_sd[k]
-        if base + ".running_mean" not in backbone_sd:
-            backbone_sd[base + ".running_mean"] = torch.zeros_like(w)
-            added += 1
-        if base + ".running_var" not in backbone_sd:
-            backbone_sd[base + ".running_var"] = torch.full_like(w, 1.0 - eps)
-            added += 1
-    return added
 
 
 def detectron2_overlay(arch: str, settings: Mapping[str, Any]) -> Dict[str, Any]:
@@ -381,11 +135,28 @@ def state_mismatch(want: Mapping[str, Tuple[int, ...]], got: Mapping[str, Any],
     return ", ".join(parts)
 
 
+def _nonstandard_input_or_width(backbone_sd: Mapping[str, Any]) -> Optional[str]:
+    """Why a backbone is not a standard-width, 3-channel ResNet (wide ResNets, CMC's one-view stems), or None."""
+    stem, stage = backbone_sd.get("conv1.weight"), backbone_sd.get("layer1.0.conv1.weight")
+    if stem is None or stem.dim() != 4:
+        return None
+    if stem.shape[1] != 3:
+        return (f"its stem takes {stem.shape[1]} input channels, not 3 (an RGB image): e.g. CMC's per-view "
+                "encoders (L or ab channels) cannot be transferred alone")
+    width = stage.shape[0] / 64 if stage is not None and stage.dim() == 4 else stem.shape[0] / 64
+    if stem.shape[0] != 64 or width != 1:
+        return (f"it is a wide ResNet (stem {stem.shape[0]} channels, first stage x{width:g} the standard width: "
+                "SwAV's / SimCLR's ResNet-50 x2/x4 are built this way); the suite's models are standard-width "
+                "ResNets on both engines, so these weights cannot be transferred yet")
+    return None
+
+
 def verify_backbone(backbone_sd: Mapping[str, Any], arch: str) -> None:
     """Raise ConversionError unless ``backbone_sd`` holds exactly the tensors of ``arch`` with their shapes."""
     problem = state_mismatch(expected_shapes(arch), backbone_sd)
     if problem:
-        raise ConversionError(f"backbone does not match {arch}: {problem}")
+        why = _nonstandard_input_or_width(backbone_sd)
+        raise ConversionError(f"backbone does not match {arch}: " + (f"{why} ({problem})" if why else problem))
 
 
 def to_detectron2(backbone_sd: Mapping[str, torch.Tensor]) -> Dict[str, np.ndarray]:

@@ -14,8 +14,9 @@ import datetime
 import json
 import os
 import pickle
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -76,15 +77,86 @@ def _check_exists(path: Path) -> None:
         raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
 
 
+class PlainNamespace:
+    """What an ``argparse.Namespace`` in a checkpoint becomes: a plain object with its attributes (the
+    unpickler sets them; no argparse code runs)."""
+
+    def __repr__(self) -> str:
+        return f"PlainNamespace({vars(self)})"
+
+
+# Lightning's hyper-parameter dicts (a dict subclass with attribute access), under every module path it had
+_LIGHTNING_ATTRIBUTE_DICTS = ("pytorch_lightning.utilities.parsing.AttributeDict",
+                              "lightning.pytorch.utilities.parsing.AttributeDict",
+                              "lightning.fabric.utilities.data.AttributeDict",
+                              "lightning_fabric.utilities.data.AttributeDict")
+
+
+def _full_checkpoint_globals() -> Dict[str, Any]:
+    """The globals full training checkpoints name beside their tensors, each mapped to what rebuilds it as plain
+    data: DINO's and PyContrast's ``args``/``opt`` (``argparse.Namespace``), Lightning's ``hyper_parameters``,
+    numpy scalars and arrays (numpy's own rebuilders: data only). Everything else stays refused."""
+    import numpy as np
+    from numpy import dtypes
+
+    core = np._core if hasattr(np, "_core") else np.core  # numpy >= 2 renamed numpy.core
+    out: Dict[str, Any] = {"argparse.Namespace": PlainNamespace, "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype,
+                           **{name: OrderedDict for name in _LIGHTNING_ATTRIBUTE_DICTS}}
+    for spelling in ("numpy.core", "numpy._core"):  # files written under numpy 1 and numpy 2
+        out[f"{spelling}.multiarray.scalar"] = core.multiarray.scalar
+        out[f"{spelling}.multiarray._reconstruct"] = core.multiarray._reconstruct
+    out.update({f"numpy.dtypes.{n}": getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")})
+    return out
+
+
+def _load_full_checkpoint(path: Path, first_error: CheckpointError) -> Any:
+    """A torch file that ``weights_only=True`` refused: read again allowing only :func:`_full_checkpoint_globals`
+    (still the weights-only unpickler: no other global is ever imported or called)."""
+    allowed = _full_checkpoint_globals()
+    try:
+        named = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # a legacy (non-zip) file cannot be listed: the restricted load below still refuses
+        named = []
+    refused = sorted(set(named) - set(allowed))
+    if refused:
+        raise CheckpointError(f"{path}: refusing to load: the file names {refused}, which are not plain data. Full "
+                              "checkpoints are read with only tensors, containers, argparse.Namespace, Lightning "
+                              "hyper-parameter dicts and numpy values allowed; save the model's state_dict instead")
+    try:
+        with torch.serialization.safe_globals([(obj, name) for name, obj in allowed.items()]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{first_error} (and with the full-checkpoint allowlist: {text})") from None
+
+
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
-    """Any supported input file: a torch file (zip or legacy, ``weights_only=True``) or a ``.pkl`` pickle."""
+    """Any supported input file: a torch file (zip or legacy, ``weights_only=True``; full training checkpoints
+    with the plain types of :func:`_full_checkpoint_globals`) or a ``.pkl`` pickle."""
     path = Path(path)
     _check_exists(path)
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's default container since torch 1.6
     if not is_zip and path.suffix in (".pkl", ".pickle"):
         return load_pickle(path)
-    return safe_torch_load(path)
+    try:
+        return safe_torch_load(path)
+    except CheckpointError as e:
+        if "weights_only" not in str(e):
+            raise
+        return _load_full_checkpoint(path, e)
+
+
+def split_encoder(spec: str, encoder: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """``FILE:encoder=NAME`` -> ``(FILE, NAME)``; the encoder may also come as a flag (``--encoder``), not both."""
+    base, sep, named = str(spec).rpartition(":encoder=")
+    if not sep:
+        return str(spec), encoder
+    if not named:
+        raise ValueError(f"{spec!r}: ':encoder=' needs a name (e.g. FILE:encoder=momentum)")
+    if encoder is not None and encoder != named:
+        raise ValueError(f"{spec!r} names encoder {named!r} but --encoder says {encoder!r}")
+    return base, named
 
 
 def weights_stem(path: str | os.PathLike) -> str:
@@ -122,7 +194,7 @@ _NOTES = {
 
 
 def convert_file(input_path: str | os.PathLike, output_path: str | os.PathLike, fmt: Optional[str] = None,
-                 encoder: str = "query", arch: Optional[str] = None) -> Dict[str, Any]:
+                 encoder: Optional[str] = None, arch: Optional[str] = None) -> Dict[str, Any]:
     """Convert one checkpoint file; write the weights and their manifest atomically; return the manifest.
 
     fmt: ``detectron2`` (a ``.pkl`` of ``{"model": {d2 name: ndarray}, "__author__", "matching_heuristics"}``,
@@ -132,7 +204,8 @@ def convert_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     ``supervised_msra=FILE``; the manifest then records ``kind``. Raises ConversionError / CheckpointError
     and writes nothing on failure.
     """
-    kind, spec_path = supervised.parse_spec(str(input_path))
+    input_path, encoder = split_encoder(str(input_path), encoder)
+    kind, spec_path = supervised.parse_spec(input_path)
     if kind == "random":
         raise ValueError("'random' has no weights to convert")
     input_path = supervised.source_file(kind, spec_path, arch) if kind != "file" else Path(input_path)
@@ -152,8 +225,9 @@ def convert_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     manifest = {
         "name": weights_stem(output_path), "format": fmt, "arch": arch, "num_tensors": len(backbone),
         "input": str(input_path), "input_sha256": sha256_file(input_path), "layout": info["layout"],
-        "kind": "checkpoint" if kind == "file" else kind, "encoder": encoder, "prefix": info["prefix"],
-        "nested_under": info["nested_under"],
+        "kind": "checkpoint" if kind == "file" else kind, "layout_seen_in": info["layout_seen_in"],
+        "encoder": info["encoder"], "encoder_reason": info["encoder_reason"], "encoders": info["encoders"],
+        "prefix": info["prefix"], "wrappers_removed": info["wrappers_removed"],
         "dropped": info["dropped"], "filled_bn_stats": info["filled_bn_stats"], **input_settings(info["layout"]),
         "detectron2_overlay": detectron2_overlay(arch, input_settings(info["layout"])),
         "note": _NOTES[info["layout"] in CAFFE2_LAYOUTS],
@@ -175,7 +249,9 @@ def convert_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 def format_report(manifest: Dict[str, Any], output_path: str | os.PathLike) -> str:
     """Human summary of one conversion: what was converted, what was dropped (count per key group)."""
     lines = [f"converted {manifest['num_tensors']} tensors of {manifest['arch']} "
-             f"({manifest['layout']}, {manifest['encoder']} encoder) -> {output_path} [{manifest['format']}]"]
+             f"({manifest['layout']}, {manifest['encoder']} encoder) -> {output_path} [{manifest['format']}]",
+             f"layout {manifest['layout']}: {manifest.get('layout_seen_in', '')}; encoder {manifest['encoder']}: "
+             f"{manifest.get('encoder_reason', '')}"]
     dropped = manifest["dropped"]
     lines.append(f"dropped {sum(dropped.values())} entries:" if dropped else "dropped nothing")
     lines += [f"  {group}: {n}" for group, n in dropped.items()]

@@ -17,7 +17,7 @@ import torch
 
 from pretrain.utils.io import CheckpointError, sha256_file
 from transfer.weights import supervised
-from transfer.weights.files import load_checkpoint_file, read_manifest, weights_stem
+from transfer.weights.files import load_checkpoint_file, read_manifest, split_encoder, weights_stem
 # torchvision / MoCo convention: RGB, ImageNet mean and std on the 0-255 scale, stride in the 3x3 conv.
 from transfer.weights.conversion import (ARCHS, CAFFE2_LAYOUTS, TORCHVISION_PIXEL_MEAN, TORCHVISION_PIXEL_STD,
                                          ConversionError, detectron2_overlay, extract_backbone, infer_arch,
@@ -88,7 +88,7 @@ def check_input_settings(settings: Dict[str, Any], layout: str, where: str) -> N
 
 
 def load_backbone_weights(spec: str, name: Optional[str] = None, arch: Optional[str] = None,
-                          encoder: str = "query") -> BackboneWeights:
+                          encoder: Optional[str] = None) -> BackboneWeights:
     """Resolve ``--weights``: ``random``, a supervised counterpart by name, a converter output, a raw
     pretraining checkpoint or a torchvision / caffe2 file.
 
@@ -109,7 +109,10 @@ def load_backbone_weights(spec: str, name: Optional[str] = None, arch: Optional[
       differs between different files.
     Detectron2 and caffe2 names come back as torchvision names. Raises ConversionError / CheckpointError
     unless every backbone tensor of the (given or inferred) depth is present with its shape.
+    ``FILE:encoder=NAME`` (or ``encoder``) picks another encoder than the layout's default
+    (``transfer/weights/layouts.py``: e.g. ``key``/``momentum``, DINO's ``student``).
     """
+    spec, encoder = split_encoder(spec, encoder)
     kind, path = supervised.parse_spec(spec)
     if kind == "random":
         arch = arch or "resnet50"
@@ -159,7 +162,7 @@ def _manifest_settings(manifest: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def load_weights_file(spec: str, name: Optional[str] = None, arch: Optional[str] = None,
-                      encoder: str = "query") -> BackboneWeights:
+                      encoder: Optional[str] = None) -> BackboneWeights:
     """One weights file (see :func:`load_backbone_weights`), with the settings of its manifest or layout."""
     path = Path(spec)
     if not path.is_file():
