@@ -25,7 +25,7 @@ from transfer.report.load import PROTOCOL_FIELDS, load_results, protocol_ids
 from transfer.registry import FAMILY_TITLES
 from transfer.report.header import Report, build_header, legend
 from transfer.report.plot import delta_figure, plot_deltas
-from transfer.report.reference import REFERENCE_CSV, load_reference
+from transfer.report.reference import OTHER_METHODS_CSV, REFERENCE_CSV, load_reference
 from transfer.report.render import RUN_FILES, to_html, to_markdown
 from transfer.report.stats import GROUP_KEY, Summary, summarise
 from transfer.report.tables import Footnotes, build_tables, run_entries
@@ -86,8 +86,11 @@ def build_report(results_dir: Path, trials: pd.DataFrame, summary: Summary, ref:
 
 
 def write_tables(results_dir: Path, baseline: str | None = None, *, reference: bool = True,
-                 tasks: Optional[Sequence[str]] = None, reference_csv: Path = REFERENCE_CSV) -> Dict[str, Path]:
+                 tasks: Optional[Sequence[str]] = None, reference_csv: Path = REFERENCE_CSV,
+                 other_csv: Optional[Path] = OTHER_METHODS_CSV) -> Dict[str, Path]:
     """Aggregate ``results_dir`` and write the outputs there; returns ``{"md"|"csv"|"html"|"png": path}``.
+
+    ``other_csv``: other methods' reported numbers shown after MoCo's (None: left out).
 
     Raises ``NoResultsError`` when no readable ``metrics.json`` is found, and ``ValueError`` when an
     explicit ``baseline`` is not among the weights names in the results.
@@ -103,7 +106,7 @@ def write_tables(results_dir: Path, baseline: str | None = None, *, reference: b
     summary = summarise(trials, baseline)
     ref = None
     if reference and Path(reference_csv).is_file():
-        ref = load_reference(sorted(set(trials["task"])), reference_csv)
+        ref = load_reference(sorted(set(trials["task"])), reference_csv, other_csv)
     elif reference:
         problems.append(f"published reference rows left out: {reference_csv} not found")
     report = build_report(results_dir, trials, summary, ref, problems)

@@ -92,7 +92,8 @@ def legend(summary: Summary, *, page: bool = True) -> str:
              if page else "then (Δ to {b} on the same task and protocol, bold with ↑/↓")
     tail = (" Hover a cell for every trial's value; click it for the trial folders. Published rows (grey, italic)"
             if page else " Published rows (italic)")
-    tail += " are the source's numbers, never averaged or used for Δ."
+    tail += (" are the source's numbers, never averaged or used for Δ; OTHER METHOD rows are other self-supervised"
+             " methods' own reported numbers.")
     if summary.baseline:
         return (f"Cells: mean ± sample std (n−1) over trials; {where.format(b=summary.baseline)} when "
                 f"|Δ| > √(std² + std_baseline²) with n ≥ 2 on both sides{'' if page else ')'}. ± — : a single "

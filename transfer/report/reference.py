@@ -5,6 +5,11 @@ The data live in ``results/reference/moco_published.csv`` (one number a row, wit
 (``TaskSpec.published`` in ``transfer/tasks/``): only rows produced with the protocol that task implements
 (e.g. VOC07+12 with Faster R-CNN **C4**, not the dilated-C5 variant, which this suite does not build).
 Published rows are shown beside measured ones and never enter a mean or a delta.
+
+Numbers that *other* self-supervised methods (SwAV, DenseCL, ...) report for a suite task live in
+``results/reference/other_methods.csv`` (same columns, suite task names, ``source`` starting with
+``OTHER-METHOD``). They need no per-task edits: a task's ``published`` entries select them by task, backbone and
+metric only (any ``table``), and they are shown after MoCo's rows, labelled ``other method (...)``.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from transfer.plugins import load_plugins
 from transfer.registry import TASKS
 
 REFERENCE_CSV = Path(__file__).resolve().parents[2] / "results" / "reference" / "moco_published.csv"
+OTHER_METHODS_CSV = REFERENCE_CSV.with_name("other_methods.csv")
 
 PAPER_NAMES = {
     "mocov1_arXiv1911.05722": "MoCo v1 paper",
@@ -25,6 +31,14 @@ PAPER_NAMES = {
     "facebookresearch/moco": "facebookresearch/moco",
     "mmselfsup_reproduction": "mmselfsup",
     "mocov3_arXiv2104.02057 (official repo)": "MoCo v3 repo",
+    # other_methods.csv
+    "swav_arXiv2006.09882 (official repo)": "SwAV repo",
+    "dino_arXiv2104.14294 (official repo)": "DINO repo",
+    "barlowtwins_arXiv2103.03230 (official repo)": "Barlow Twins repo",
+    "simclr_arXiv2002.05709 (official repo)": "SimCLR repo",
+    "infomin_arXiv2005.10243 (PyContrast repo)": "InfoMin (PyContrast) repo",
+    "pcl_ICLR2021 (official repo)": "PCL repo",
+    "densecl_arXiv2011.09157 (official repo)": "DenseCL repo",
 }
 
 
@@ -71,8 +85,10 @@ REFERENCE_COLUMNS = ["task", "pretrain", "label", "kind", "metric", "value", "st
 
 
 def source_kind(source: str) -> str:
-    """``"unverified"``, ``"third-party"`` or ``"published"`` from a CSV ``source`` string."""
+    """``"unverified"``, ``"third-party"``, ``"other-method"`` or ``"published"`` from a CSV ``source`` string."""
     s = str(source).strip().upper()
+    if s.startswith("OTHER-METHOD"):
+        return "other-method"
     if s.startswith("UNVERIFIED"):
         return "unverified"
     if s.startswith("THIRD-PARTY"):
@@ -93,6 +109,8 @@ def reference_label(paper: str, table: str, source: str) -> str:
         return f"UNVERIFIED secondary source ({where})"
     if kind == "third-party":
         return f"THIRD-PARTY reproduction ({where})"
+    if kind == "other-method":
+        return f"other method ({where})"
     return f"published ({where})"
 
 
@@ -105,33 +123,48 @@ def read_reference_csv(csv_path: Path = REFERENCE_CSV) -> pd.DataFrame:
     return df
 
 
-def load_reference(tasks: Iterable[str], csv_path: Path = REFERENCE_CSV) -> pd.DataFrame:
+def _row(task: str, r, metric: str, value: float) -> dict:
+    return {"task": task, "pretrain": r.pretrain, "label": reference_label(r.paper, r.table, r.source),
+            "kind": source_kind(r.source), "metric": metric, "value": value, "std": float("nan"),
+            "value_text": r.value, "source": r.source, "paper": r.paper, "table": r.table, "schedule": r.schedule}
+
+
+def load_reference(tasks: Iterable[str], csv_path: Path = REFERENCE_CSV,
+                   other_csv: Optional[Path] = OTHER_METHODS_CSV) -> pd.DataFrame:
     """Published rows for the given suite tasks, one row per (task, reference row, metric).
 
     Returns columns ``REFERENCE_COLUMNS``; ``value`` is numeric, ``std`` is NaN unless the source gives it.
     A number repeated by a later table for the same pretraining (the official repo table repeats MoCo
-    v1 Table 2) is kept once, from the first table listed in the mapping.
+    v1 Table 2) is kept once, from the first table listed in the mapping. Rows of ``other_csv`` (other
+    methods; skipped when None or absent) follow a task's MoCo rows, selected by task, backbone and metric.
     """
     raw = read_reference_csv(csv_path)
+    other = read_reference_csv(other_csv) if other_csv is not None and Path(other_csv).is_file() else None
     load_plugins()
     out: List[dict] = []
-    for task, m in ((t, m) for t in tasks if t in TASKS for m in TASKS[t].published):
-        sel = raw[(raw["task"] == (m.task or task)) & (raw["backbone"] == m.backbone)
-                  & raw["table"].isin(m.tables) & raw["metric"].isin(list(m.metrics))]
-        seen = set()
-        for table in m.tables:  # mapping order decides which copy of a repeated number is kept
-            for r in sel[sel["table"] == table].itertuples(index=False):
+    for task in (t for t in tasks if t in TASKS):
+        for m in TASKS[task].published:
+            sel = raw[(raw["task"] == (m.task or task)) & (raw["backbone"] == m.backbone)
+                      & raw["table"].isin(m.tables) & raw["metric"].isin(list(m.metrics))]
+            seen = set()
+            for table in m.tables:  # mapping order decides which copy of a repeated number is kept
+                for r in sel[sel["table"] == table].itertuples(index=False):
+                    value = pd.to_numeric(r.value, errors="coerce")
+                    if pd.isna(value) or (r.pretrain, m.metrics[r.metric], r.value) in seen:
+                        continue
+                    seen.add((r.pretrain, m.metrics[r.metric], r.value))
+                    out.append(_row(task, r, m.metrics[r.metric], float(value)))
+        if other is None:
+            continue
+        taken = set()  # two spec entries with the same selection show an other-method row once
+        for m in TASKS[task].published:
+            sel = other[(other["task"] == (m.task or task)) & (other["backbone"] == m.backbone)
+                        & other["metric"].isin(list(m.metrics))]
+            for i, r in zip(sel.index, sel.itertuples(index=False)):
                 value = pd.to_numeric(r.value, errors="coerce")
-                if pd.isna(value):
-                    continue
-                metric = m.metrics[r.metric]
-                if (r.pretrain, metric, r.value) in seen:
-                    continue
-                seen.add((r.pretrain, metric, r.value))
-                out.append({"task": task, "pretrain": r.pretrain, "label": reference_label(r.paper, table, r.source),
-                            "kind": source_kind(r.source), "metric": metric, "value": float(value),
-                            "std": float("nan"), "value_text": r.value, "source": r.source,
-                            "paper": r.paper, "table": table, "schedule": r.schedule})
+                if i not in taken and not pd.isna(value):
+                    taken.add(i)
+                    out.append(_row(task, r, m.metrics[r.metric], float(value)))
     df = pd.DataFrame(out, columns=REFERENCE_COLUMNS)
     return _merge_std(df)
 

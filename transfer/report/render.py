@@ -40,6 +40,7 @@ tr.sep td { text-align: left; font-size: 11px; color: #666; background: #fafafa;
 tr.published td, tr.unverified td, tr.third-party td { color: #555; font-style: italic; }
 tr.unverified td, tr.third-party td { background: #fff8ee; }
 tr.unverified td.label, tr.third-party td.label { color: #a35a00; }
+tr.other-method td { color: #555; font-style: italic; background: #f3f3f3; }
 .sd { font-size: 11px; color: #666; } .d { font-size: 12px; }
 .pos { color: #0a7d20; } .neg { color: #c0161d; } .zero { color: #777; } .sig { font-weight: bold; }
 td.failed { color: #c0161d; font-weight: bold; background: #fdecec; }
@@ -60,7 +61,7 @@ table.runs td, table.runs th { font-size: 12px; text-align: left; padding: 2px 8
 table.runs tr.failed td { color: #c0161d; } table.runs td.k { white-space: nowrap; }
 """
 
-_KIND_TAG = {"unverified": "UNVERIFIED", "third-party": "THIRD-PARTY"}
+_KIND_TAG = {"unverified": "UNVERIFIED", "third-party": "THIRD-PARTY", "other-method": "OTHER METHOD"}
 RUN_FILES = ("config.yaml", "log.txt", "metrics.json", "env.json", "error.log", "history.json", "tensorboard")
 
 
@@ -102,9 +103,12 @@ def _md_block(b: TaskBlock) -> List[str]:
     out = [f"### {b.task}{src}", "", f"{b.description}. Protocol: {b.protocol}.".lstrip(". "), ""]
     out.append("| pretraining | " + " | ".join(b.columns) + " | n |")
     out.append("|---|" + "---:|" * (len(b.columns) + 1))
-    published = False
+    published = other = False
     for r in b.rows:
-        if r.kind not in ("baseline", "measured") and not published:
+        if r.kind == "other-method" and not other:
+            other = True
+            out.append("| *other methods, as their sources report:* |" + " |" * (len(b.columns) + 1))
+        elif r.kind not in ("baseline", "measured", "other-method") and not published:
             published = True
             out.append("| *published, full protocol:* |" + " |" * (len(b.columns) + 1))
         cells = [_md_cell(r.cells[c]) if c in r.cells else "" for c in b.columns]
@@ -180,9 +184,14 @@ def _html_block(b: TaskBlock) -> List[str]:
            f'<p class="desc">{escape(b.description)}{"; " if b.description else ""}{escape(b.protocol)}</p>',
            '<table class="res"><thead><tr><th class="label">pretraining</th>'
            + "".join(f"<th>{escape(c)}</th>" for c in b.columns) + "<th>n</th></tr></thead><tbody>"]
-    published = False
+    published = other = False
     for r in b.rows:
-        if r.kind not in ("baseline", "measured") and not published:
+        if r.kind == "other-method" and not other:
+            other = True
+            out.append(f'<tr class="sep"><td colspan="{len(b.columns) + 2}">other self-supervised methods, as '
+                       "their papers or repositories report (ResNet-50; their own pretraining and evaluation "
+                       "code)</td></tr>")
+        elif r.kind not in ("baseline", "measured", "other-method") and not published:
             published = True
             out.append(f'<tr class="sep"><td colspan="{len(b.columns) + 2}">published, the same protocol '
                        "(ResNet-50, full schedule)</td></tr>")

@@ -47,7 +47,7 @@ class Cell:
 @dataclass
 class Row:
     label: str  # the weights name (measured) or the pretraining named by the source (published)
-    kind: str  # baseline | measured | published | unverified | third-party
+    kind: str  # baseline | measured | published | unverified | third-party | other-method
     cells: Dict[str, Cell]  # metric -> cell
     tags: List[str] = field(default_factory=list)  # engine (when a block has several), protocol variant
     notes: List[int] = field(default_factory=list)  # footnote numbers
@@ -253,7 +253,9 @@ def build_tables(summary: Summary, ref: Optional[pd.DataFrame], notes: Footnotes
                 else:
                     shown_published[key] = task
                     block.rows += _published_rows(task_ref, notes)
-                    block.source_table = reference_where(task_ref["paper"].iloc[0], task_ref["table"].iloc[0])
+                    own = task_ref[task_ref["kind"] != "other-method"]  # the block's title names MoCo's table
+                    if not own.empty:
+                        block.source_table = reference_where(own["paper"].iloc[0], own["table"].iloc[0])
                     if reference_note(task):
                         block.notes.append(notes.add(f"{task} published rows: {reference_note(task)}."))
             blocks.append(block)
