@@ -254,3 +254,36 @@ def test_full_checkpoints_read_their_plain_types_and_refuse_any_other_global(tmp
     with pytest.raises(ValueError, match=r"refusing to load: the file names \['posix.system'\]"):
         load_backbone_weights(str(tmp_path / "evil.pth"))
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_run_all_transfers_a_chosen_encoder_of_a_lightning_checkpoint(tmp_path):
+    from pretrain.data.synthetic import make_imagenet_folders
+    from transfer.data.synthetic.voc import make_vocdevkit
+    from transfer.run_all import main
+    import tiny  # tests/tiny.py
+
+    obj, sources, _, _ = build("solo_learn")
+    path = write(obj, tmp_path / "byol.ckpt")
+    data, out = tmp_path / "data", tmp_path / "results"
+    make_vocdevkit(data / "VOCdevkit", seed=0, trainval_2007=4, test_2007=3, trainval_2012=0, image_size=(96, 72))
+    make_imagenet_folders(data / "imagenet", num_classes=2, train_per_class=4, val_per_class=2, image_size=32)
+    tasks = ("voc07_det", "imagenet_knn")
+    assert main(["--weights", f"{path}:encoder=momentum", "--tasks", ",".join(tasks), "--preset", "smoke",
+                 "--data-root", str(data), "--output", str(out), "--engine", "torchvision", "--no-report",
+                 *tiny.overrides(*tasks)]) == 0
+    [name] = [d.name for d in out.iterdir() if (d / "voc07_det").is_dir()]
+    assert name.endswith("-momentum")  # not the folder of the file's default (online) encoder
+    for task in tasks:
+        rec = json.loads((out / name / task / "torchvision" / "trial0" / "metrics.json").read_text())
+        assert rec["status"] == "ok", rec.get("error")
+        info = rec["weights_info"]
+        assert (info["layout"], info["encoder"], info["encoder_reason"]) == \
+            ("solo_learn", "momentum", "asked for (encoder=momentum)")
+
+
+def test_the_readme_lists_every_layout():
+    from transfer.weights.layouts import LAYOUTS
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Conversion"):text.index("## Transfer")]
+    assert [lay.name for lay in LAYOUTS if f"| `{lay.name}` |" not in section and f"`{lay.name}`" not in section] == []

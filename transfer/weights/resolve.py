@@ -44,6 +44,8 @@ class BackboneWeights:
     # what the weights are, for the tables: random, supervised_tv, supervised_msra, or checkpoint
     kind: str = "checkpoint"
     description: str = ""  # e.g. "supervised IN-1M: torchvision resnet50 IMAGENET1K_V1"
+    encoder: str = ""  # which encoder of the source file (transfer/weights/layouts.py), and why it was taken
+    encoder_reason: str = ""
 
     def settings(self) -> Dict[str, Any]:
         """The input settings: ``input_format``, ``pixel_mean``, ``pixel_std`` (0-255 scale), ``stride_in_1x1``."""
@@ -57,7 +59,8 @@ class BackboneWeights:
         """Everything but the tensors, for results."""
         return {
             "name": self.name, "arch": self.arch, **self.settings(), "layout": self.layout, "sha256": self.sha256,
-            "source": self.source, "kind": self.kind, "description": self.description,
+            "source": self.source, "kind": self.kind, "description": self.description, "encoder": self.encoder,
+            "encoder_reason": self.encoder_reason,
         }
 
 
@@ -182,9 +185,12 @@ def load_weights_file(spec: str, name: Optional[str] = None, arch: Optional[str]
         if info["layout"] == "detectron2":
             logger.warning("%s has Detectron2 names but no manifest: assuming torchvision input settings "
                            "(RGB, ImageNet mean/std, STRIDE_IN_1X1 False)", path)
-        return BackboneWeights(name=name or _safe_name(f"{weights_stem(path)}-{sha[:8]}"), arch=arch,
+        # another encoder of the same file is other weights: its results must not share the default's folder
+        chosen = "" if info["encoder_reason"].startswith("the layout's default") else f"-{info['encoder']}"
+        return BackboneWeights(name=name or _safe_name(f"{weights_stem(path)}-{sha[:8]}{chosen}"), arch=arch,
                                state_dict=backbone, layout=info["layout"], sha256=sha, source=str(path),
                                description=supervised.describe("checkpoint", arch, info["layout"]),
+                               encoder=info["encoder"], encoder_reason=info["encoder_reason"],
                                **input_settings(info["layout"]))
     layout, settings = manifest.get("layout", info["layout"]), _manifest_settings(manifest)
     if "layout" not in manifest:
@@ -194,4 +200,5 @@ def load_weights_file(spec: str, name: Optional[str] = None, arch: Optional[str]
     return BackboneWeights(name=name or _safe_name(manifest.get("name") or weights_stem(path)), arch=arch,
                            state_dict=backbone, layout=layout, sha256=sha, source=str(path), kind=kind,
                            description=supervised.describe(kind, arch, layout, manifest.get("input_sha256", "")),
-                           **settings)
+                           encoder=manifest.get("encoder", info["encoder"]),
+                           encoder_reason=manifest.get("encoder_reason", info["encoder_reason"]), **settings)
