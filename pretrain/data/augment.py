@@ -88,8 +88,8 @@ def sample_rng(*keys: int) -> Iterator[None]:
     s = hash(tuple(int(k) for k in keys)) & 0x7FFF_FFFF_FFFF
     py_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(s)
-        random.seed(s)
+        torch.default_generator.manual_seed(s)  # the CPU generator the views draw from (torch.manual_seed would
+        random.seed(s)                          # also seed every accelerator, 40x slower per sample)
         try:
             yield
         finally:
