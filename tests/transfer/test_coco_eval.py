@@ -160,10 +160,29 @@ def test_keypoint_oks():
         evaluate(gt, results, ("keypoints",), kpt_oks_sigmas=[0.1] * 5)
 
 
-def test_empty_results_give_nan_and_bad_types_raise(tmp_path):
-    gt = make_gt([{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]}])
+def test_no_predictions_score_0_where_there_is_ground_truth_on_both_engines(tmp_path):
+    gt = make_gt([{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]}])  # one small object
     res = evaluate(gt, [], ("bbox", "segm"))
-    assert len(res) == 12 and all(math.isnan(v) for v in res.values())
+    # independent reference: COCOeval itself, given one detection of a class without ground truth (it matches
+    # nothing; the class with ground truth then has no detection)
+    ref = evaluate(gt, [{**det(1, [80, 80, 5, 5], 0.5, category_id=7),
+                         "segmentation": mask_util.encode(np.asfortranarray(np.ones((100, 100), np.uint8)))}],
+                   ("bbox", "segm"))
+    ref = {k: v for k, v in ref.items()}
+    assert set(res) == set(ref) and len(res) == 12
+    for k in res:
+        assert (math.isnan(res[k]) and math.isnan(ref[k])) or res[k] == ref[k] == 0.0, k
+    assert res["APbb"] == res["APbbs"] == 0.0 and math.isnan(res["APbbm"]) and math.isnan(res["APbbl"])
+    # the Detectron2 engine's evaluator says NaN everywhere then: the same rule replaces it
+    from transfer.evaluation.coco import fill_no_prediction_metrics
+
+    d2 = {k: float("nan") for k in res}
+    filled = fill_no_prediction_metrics(d2, gt, ("bbox", "segm"))
+    assert all((math.isnan(filled[k]) and math.isnan(res[k])) or filled[k] == res[k] for k in res)
+    # ... but a real NaN (a crowd-only ground truth: nothing to score) stays NaN
+    crowd = make_gt([{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "iscrowd": 1}])
+    assert all(math.isnan(v) for v in fill_no_prediction_metrics(d2, crowd, ("bbox", "segm")).values())
+    assert all(math.isnan(v) for v in evaluate(crowd, [], ("bbox",)).values())
     with pytest.raises(ValueError, match="iou_types"):
         COCOEvaluator(gt, ("boxes",))
     with pytest.raises(ValueError, match="needs 'segmentation'"):

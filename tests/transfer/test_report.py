@@ -231,3 +231,17 @@ def test_failed_trial_without_protocol_joins_its_run(tmp_path: Path):
     assert len(summary.groups) == 1
     g = summary.groups.iloc[0]
     assert (g["n_ok"], g["n_failed"], g["n_total"]) == (2, 1, 3)
+
+
+def test_a_metric_every_trial_reported_as_nan_is_undefined_not_missing(tmp_path: Path):
+    nan = float("nan")
+    for k in range(2):  # AP75 undefined in both trials of "moco"; one of two NaN for "sup" still averages the other
+        write_trial(tmp_path, "moco", "voc07_det", k, {"AP50": 50.0, "AP": 30.0, "AP75": nan})
+        write_trial(tmp_path, "sup", "voc07_det", k, {"AP50": 40.0, "AP": 20.0, "AP75": nan if k else 10.0})
+    write_trial(tmp_path, "other", "voc07_det", 0, {"AP50": 40.0, "AP": 20.0})  # AP75 not reported at all
+    md = write_tables(tmp_path, baseline="sup")["md"].read_text()
+    rows = {line.split("|")[1].strip().split()[0].strip("*"): line for line in md.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip()}
+    assert rows["moco"].count("n/a") == 1 and "missing" not in rows["moco"]
+    assert "n/a" not in rows["sup"] and "10.00" in rows["sup"]
+    assert "missing" in rows["other"] and "n/a" not in rows["other"]

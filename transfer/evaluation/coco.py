@@ -7,8 +7,11 @@ pycocotools from Fortran-order uint8 with ``counts`` decoded to str, keypoints s
 and flattened); the official pycocotools ``COCOeval`` scores them with ``maxDets [1, 10, N]``
 (``N = max_dets_per_image``, 100 by default; keypoints keep pycocotools' 20), mask AP without the
 ``bbox`` field (so that areas are mask areas) and COCO's keypoint OKS sigmas unless others are given.
-Metrics are in percent; a metric COCOeval reports as -1 (no ground truth in that area range) is NaN,
-and an empty result list gives NaN for every metric, as in Detectron2.
+Metrics are in percent; a metric COCOeval reports as -1 (no ground truth in that area range) is NaN.
+No predictions at all: 0 wherever ground truth exists for the metric (what COCOeval computes for a model that
+detects nothing: precision 0 in every category with ground truth), NaN only where there is none
+(:func:`no_prediction_stats`). Detectron2 returns NaN for every metric then (``_derive_coco_results``: "No
+predictions from the model!"); its engine here applies the same rule (:func:`fill_no_prediction_metrics`).
 
 Detectron2 defaults to its C++ ``COCOeval_opt`` ("unofficial", "should be very close"); this module
 always runs the official pycocotools ``COCOeval``, which Detectron2 runs with ``use_fast_impl=False``.
@@ -110,6 +113,37 @@ def _summarize(coco_eval: COCOeval, iou_type: str) -> np.ndarray:
     return np.array([ap(), ap(0.5), ap(0.75)] + [ap(area=a) for a in areas])
 
 
+# COCOeval's area ranges (params.areaRng, bounds inclusive) for each stats entry
+_AREAS = {"": (0, 1e10), "50": (0, 1e10), "75": (0, 1e10), "s": (0, 32 ** 2), "m": (32 ** 2, 96 ** 2),
+          "l": (96 ** 2, 1e10)}
+
+
+def no_prediction_stats(coco_gt: COCO, iou_type: str) -> np.ndarray:
+    """COCOeval's AP stats for an empty result list: 0 where some ground truth is not ignored in the metric's
+    area range (COCOeval ignores crowds, and for keypoints instances without labelled keypoints), -1 where none
+    is (COCOeval's "undefined")."""
+    prefix, suffixes = METRICS[iou_type]
+    areas = []
+    for ann in coco_gt.dataset.get("annotations", []):
+        ignored = bool(ann.get("iscrowd", 0)) or (iou_type == "keypoints" and ann.get("num_keypoints", 0) == 0)
+        if not ignored:
+            areas.append(float(ann.get("area", 0.0)))
+    return np.array([0.0 if any(_AREAS[s][0] <= a <= _AREAS[s][1] for a in areas) else -1.0 for s in suffixes])
+
+
+def fill_no_prediction_metrics(metrics: Dict[str, float], coco_gt: COCO, iou_types: Sequence[str]) -> Dict[str, float]:
+    """Suite metrics (``APbb``, ``APbb50`` ...) where an iou type scored NaN in every entry (an evaluator that
+    saw no predictions: Detectron2's) replaced by :func:`no_prediction_stats`, so both engines follow one rule."""
+    out = dict(metrics)
+    for iou_type in iou_types:
+        prefix, suffixes = METRICS[iou_type]
+        names = [prefix + s for s in suffixes]
+        if all(n in out and np.isnan(out[n]) for n in names):
+            log.warning("no %s predictions: AP is 0 where there is ground truth, NaN where there is none", iou_type)
+            out.update({n: 0.0 if v >= 0 else float("nan") for n, v in zip(names, no_prediction_stats(coco_gt, iou_type))})
+    return out
+
+
 def evaluate_coco_results(coco_gt: COCO, results: List[dict], iou_type: str, *, max_dets_per_image: int = 100,
                           kpt_oks_sigmas: Optional[Sequence[float]] = None) -> np.ndarray:
     """Run COCOeval on non-empty ``results`` (Detectron2's ``_evaluate_predictions_on_coco``): AP stats, 0..1 or -1.
@@ -189,9 +223,9 @@ class COCOEvaluator:
         out: Dict[str, float] = {}
         for iou_type in sorted(self.iou_types):
             prefix, suffixes = METRICS[iou_type]
-            if not results:  # cocoapi does not handle empty results; Detectron2 reports NaN
-                log.warning("no %s predictions: every metric is NaN", iou_type)
-                stats = np.full(len(suffixes), -1.0)
+            if not results:  # cocoapi does not handle empty results
+                log.warning("no %s predictions: AP is 0 where there is ground truth, NaN where there is none", iou_type)
+                stats = no_prediction_stats(coco_gt, iou_type)
             else:
                 stats = evaluate_coco_results(coco_gt, results, iou_type, max_dets_per_image=self.max_dets_per_image,
                                               kpt_oks_sigmas=self.kpt_oks_sigmas)

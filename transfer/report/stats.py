@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,9 @@ class Summary:
     baseline: Optional[str]
     primary: Dict[str, str] = field(default_factory=dict)  # task -> protocol id of its main rows
     notes: List[str] = field(default_factory=list)
+    # (task, weights, protocol, metric) that every ok trial reported as NaN: the metric is undefined there (no
+    # ground truth for it, e.g. no small objects), which the tables say instead of "missing"
+    undefined: Set[Tuple[str, str, str, str]] = field(default_factory=set)
 
 
 def describe_protocol(protocol: str, fields: Tuple[str, ...] = PROTOCOL_FIELDS) -> str:
@@ -158,7 +161,10 @@ def summarise(trials: pd.DataFrame, baseline: Optional[str] = None) -> Summary:
     stats["trial_values"] = [per_trial.get(tuple(k), []) for k in stats[GROUP_KEY + ["metric"]].itertuples(index=False)]
     stats = stats.merge(groups[GROUP_KEY + ["variant", "row_label"]], on=GROUP_KEY, how="left")
     stats = _add_deltas(stats, baseline)
-    return Summary(groups=groups, stats=stats, baseline=baseline, primary=primary, notes=notes)
+    reported = trials[(trials["status"] == "ok") & trials["metric"].notna()]
+    nan_only = reported.groupby(["task", "weights", "protocol", "metric"])["value"].agg(lambda v: bool(v.isna().all()))
+    undefined = {tuple(k) for k, v in nan_only.items() if v}
+    return Summary(groups=groups, stats=stats, baseline=baseline, primary=primary, notes=notes, undefined=undefined)
 
 
 def _add_deltas(stats: pd.DataFrame, baseline: Optional[str]) -> pd.DataFrame:

@@ -180,6 +180,9 @@ def _measured_rows(summary: Summary, task: str, groups: pd.DataFrame, weights: L
                     cells[m] = Cell("failed", "failed", f"{g.n_failed}/{g.n_total}", tip=errs, href=f"#{run_id}")
                 elif (name, g.protocol, m) in stats.index:
                     cells[m] = _value_cell(stats.loc[(name, g.protocol, m)], f"#{run_id}")
+                elif (task, name, g.protocol, m) in summary.undefined:
+                    cells[m] = Cell("n/a", "missing", tip=f"every trial reported {m} as NaN: undefined here (no "
+                                    "ground truth for it, e.g. no objects of that size)", href=f"#{run_id}")
                 else:
                     cells[m] = Cell("missing", "missing", tip=f"{name} reported no {m}", href=f"#{run_id}")
             missing = expected[g.protocol] - g.n_total

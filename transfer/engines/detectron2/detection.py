@@ -6,6 +6,8 @@ small/medium/large breakdowns, which go to tables.csv).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 from pathlib import Path
@@ -77,7 +79,16 @@ def run_coco(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str,
     run = train_and_evaluate(cfg_d2, weights, ctx, evaluator, log_period=cfg.log_period)
     if not run:
         return {}
-    return _finish(coco_metrics(run["results"]), run, cfg_d2, ctx)
+    # Detectron2 gives NaN everywhere when the model predicted nothing; the suite's rule is 0 where ground truth
+    # exists (transfer/evaluation/coco.py), the same on both engines
+    from pycocotools.coco import COCO
+    from transfer.evaluation.coco import fill_no_prediction_metrics
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(MetadataCatalog.get(test).json_file)
+    metrics = fill_no_prediction_metrics(coco_metrics(run["results"]), coco_gt,
+                                         ("bbox", "keypoints") if keypoints else ("bbox", "segm"))
+    return _finish(metrics, run, cfg_d2, ctx)
 
 
 def run_lvis(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
@@ -98,7 +109,16 @@ def run_lvis(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str,
         run = train_and_evaluate(cfg_d2, weights, ctx, evaluator, log_period=cfg.log_period)
     if not run:
         return {}
-    return _finish(coco_metrics(run["results"]), run, cfg_d2, ctx)
+    # Detectron2 gives NaN everywhere when the model predicted nothing; the suite's rule is 0 where ground truth
+    # exists (transfer/evaluation/coco.py), the same on both engines
+    from pycocotools.coco import COCO
+    from transfer.evaluation.coco import fill_no_prediction_metrics
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(MetadataCatalog.get(test).json_file)
+    metrics = fill_no_prediction_metrics(coco_metrics(run["results"]), coco_gt,
+                                         ("bbox", "keypoints") if keypoints else ("bbox", "segm"))
+    return _finish(metrics, run, cfg_d2, ctx)
 
 
 class CityscapesInstancesAdapter(DatasetEvaluator):
