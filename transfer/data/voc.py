@@ -128,7 +128,8 @@ def fix_boxes(objects: Sequence[dict], width: int, height: int) -> Tuple[np.ndar
     - an empty box (xmin > xmax or ymin > ymax in the XML: no area after the conversion), or one entirely
       outside its image (no area once clipped), is dropped, as Detectron2's ``filter_empty_instances`` drops
       boxes that are not ``nonempty()`` (width and height > 0) after its transforms. Without this the built-in
-      engine stops in torchvision's "All bounding boxes should have positive height and width" assertion.
+      engine stops in torchvision's "All bounding boxes should have positive height and width" check
+      (torchvision/models/detection/generalized_rcnn.py), on resized coordinates and without the file name.
 
     Each fix is ``{"object": index in the XML, "action": "clipped" | "dropped", "why": ...}``; they are counted in
     the trial's ``metrics.json`` (:mod:`transfer.data.fixes`) and listed by the dataset doctor's ``--full``.
