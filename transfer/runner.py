@@ -16,7 +16,8 @@ logs to its own ``log.txt`` as well as to the suite's log.
 
 Before a task, the dataset doctor's quick check (``transfer.doctor``, the task's ``check_data``) fails it in
 seconds with the expected layout and the fix. Unreadable images are skipped and counted
-(``unreadable_images`` in metrics.json); above ``data.max_unreadable_fraction`` the trial fails. When one
+(``unreadable_images`` in metrics.json); above ``data.max_unreadable_fraction`` the trial fails. Training boxes
+a reader clipped to their image or dropped as empty are counted too (``boxes_clipped``, ``boxes_dropped``). When one
 rank of a multi-process trial raises, it publishes its error and aborts its connections, every peer fails
 out of its collective within seconds, all record the first rank's error, and the process group is
 re-formed for the next trial (``pretrain.utils.dist.publish_failure`` / ``reform_group``).
@@ -45,6 +46,7 @@ from pretrain.utils.env import collect_env
 from pretrain.utils.io import atomic_write_json, atomic_write_text
 from transfer import results
 from transfer.context import TrialContext
+from transfer.data.fixes import count_box_fixes
 from transfer.plugins import load_plugins
 from transfer.registry import (TASKS, EngineUnavailableError, Implementation, TaskSpec, get_task, implementing,
                                resolve, unavailable_everywhere)
@@ -283,10 +285,14 @@ def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOpt
                            engine_config=spec.engine_configs.get(engine, ""))
         log.info("%s trial %d: engine=%s seed=%d effective=%s", spec.name, trial, engine, seed, record["effective"])
         max_bad = getattr(getattr(cfg, "data", None), "max_unreadable_fraction", DEFAULT_MAX_UNREADABLE)
-        with count_unreadable(max_bad) as unreadable:  # the datasets skip and count undecodable images
+        # the datasets skip and count undecodable images; the readers count the boxes they clipped or dropped
+        with count_unreadable(max_bad) as unreadable, count_box_fixes() as box_fixes:
             metrics = resolved.run(cfg, weights, ctx)
             record["unreadable_images"] = unreadable.count()
             record["unreadable_examples"] = unreadable.examples()
+            record["boxes_clipped"] = box_fixes.count("clipped")
+            record["boxes_dropped"] = box_fixes.count("dropped")
+            record["box_fix_examples"] = box_fixes.examples()
         dist.all_ok()  # raises here when a peer failed: no rank records a success alone
         record["metrics"] = {k: float(v) for k, v in (metrics or {}).items()}
         record["status"] = "ok"

@@ -65,15 +65,30 @@ class TooManyUnreadableImages(RuntimeError):
     """More images of a dataset failed to decode than its threshold allows."""
 
 
+def allowed_unreadable(size: int, max_fraction: float) -> int:
+    """The most images of a ``size``-image dataset that may be unreadable: a dataset fails once more than
+    ``max_fraction`` of it is (``n / size > max_fraction``), as the configs state; there is no allowance of one,
+    so with 0.001 a dataset of under 1,000 images fails at its first unreadable image."""
+    if size <= 0:
+        return 0
+    k = min(size, max(0, int(max_fraction * size)))
+    while k < size and (k + 1) / size <= max_fraction:  # the product may round below an exact boundary
+        k += 1
+    while k > 0 and k / size > max_fraction:
+        k -= 1
+    return k
+
+
 class UnreadableImages:
     """Which samples of one dataset failed to decode: a flag per sample in shared memory, so that what
-    DataLoader workers find reaches the main process. ``max_fraction`` of the samples (at least one) may
-    fail; one more raises :class:`TooManyUnreadableImages` with the count."""
+    DataLoader workers find reaches the main process. Up to ``max_fraction`` of the samples may fail
+    (:func:`allowed_unreadable`); one more raises :class:`TooManyUnreadableImages` with the count."""
 
     def __init__(self, paths: List[str], max_fraction: float = 1.0) -> None:
         self.paths = paths
         self.flags = torch.zeros(len(paths), dtype=torch.uint8).share_memory_()
-        self.limit = max(1, int(max_fraction * len(paths)))
+        self.max_fraction = max_fraction
+        self.limit = allowed_unreadable(len(paths), max_fraction)
 
     def is_bad(self, i: int) -> bool:
         return bool(self.flags[i])
@@ -85,8 +100,8 @@ class UnreadableImages:
         n = int(self.flags.sum())
         if n > self.limit:
             raise TooManyUnreadableImages(f"{n} of {len(self.paths)} images are unreadable (more than the "
-                                          f"{self.limit} allowed by data.max_unreadable_fraction), "
-                                          f"e.g. {self.paths[i]}")
+                                          f"{self.limit} that data.max_unreadable_fraction={self.max_fraction:g} "
+                                          f"allows: fix the files or raise it), e.g. {self.paths[i]}")
 
     def read(self, i: int, open_fn: Callable[[int], object], stand_in: bool = True) -> tuple[int, object]:
         """``(j, open_fn(j))`` for the first readable sample ``j`` from ``i`` on (wrapping): a stand-in keeps

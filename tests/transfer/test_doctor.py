@@ -221,3 +221,40 @@ def test_semseg_label_png_missing(coco_seg, tmp_path, capsys):
     code, out = _run(root, "voc_semseg", capsys)
     assert code == 1 and _line(out, "voc_semseg").split()[1] == "malformed"
     assert f"{image_id}.png not found" in out
+
+
+def test_full_names_every_zero_byte_jpeg_which_the_quick_sample_may_miss(root, capsys):
+    img = sorted((root / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("*.jpg"))[0]
+    img.write_bytes(b"")
+    code, out = _run(root, "voc07_det", capsys)
+    assert code == 0  # skipped and counted at run time
+    assert f"1 of 3 image files are empty (0 bytes): {img}" in out and "do not decode" not in out  # named once
+    code, out = _run(root, "voc07_det", capsys, full=False)
+    assert "(0 bytes)" not in out  # the quick form decodes a couple of images only
+
+
+def test_full_names_coco_annotations_of_image_ids_not_in_images(coco_seg, tmp_path, capsys):
+    root = tmp_path / "d"
+    shutil.copytree(coco_seg, root)
+    ann = root / "coco" / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["image_id"] = 999
+    ann.write_text(json.dumps(data))
+    code, out = _run(root, "coco_fpn_1x", capsys)
+    assert code == 0 and _line(out, "coco_fpn_1x").split()[1] == "partial"  # ignored at run time, as Detectron2
+    assert (f"1 of {len(data['annotations'])} annotations in {ann} refer to an image id not in 'images' "
+            f"(annotation {data['annotations'][0]['id']} -> image 999)") in out
+    assert "these objects are ignored at run time" in out
+
+
+def test_lvis_annotations_of_image_ids_not_in_images_are_named(tmp_path, capsys):
+    from transfer.data.synthetic.lvis import make_lvis
+
+    lvis = make_lvis(tmp_path, seed=0, num_train=2, num_val=2, image_size=(48, 40))
+    ann = lvis / "lvis_v0.5_val.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["image_id"] = 999
+    ann.write_text(json.dumps(data))
+    code, out = _run(tmp_path, "lvis_v0.5_1x", capsys)
+    assert code == 1  # the LVIS reader refuses the file
+    assert f"annotation {data['annotations'][0]['id']} refers to image 999, not in 'images'" in out and str(ann) in out

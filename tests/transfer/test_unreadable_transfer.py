@@ -292,3 +292,25 @@ def test_an_unreadable_classification_val_image_counts_as_a_miss(tmp_path):
         oracle = torch.nn.functional.one_hot(torch.tensor([c for _, c in val.samples]), 3).float()
         assert topk_accuracy(oracle, labels, (1,)) == [pytest.approx(500 / 6)]
         assert LabelledImages(tmp_path / "val", tf)[1][1] == 1  # a training set keeps the stand-in's label
+
+
+@pytest.mark.parametrize("size, fraction, allowed", [
+    (400, 0.001, 0),  # the smoke preset's 400-image set: its first unreadable image is above 0.1 %
+    (1000, 0.001, 1), (1999, 0.001, 1), (2000, 0.001, 2),
+    (100, 0.29, 29),  # 0.29 * 100 rounds to 28.999...: the rule is n / size, not the float product
+    (4, 0.25, 1), (5, 0.0, 0), (3, 1.0, 3),
+])
+def test_the_unreadable_limit_is_the_configured_fraction_with_no_allowance_of_one(size, fraction, allowed):
+    """``data.max_unreadable_fraction`` as its comment states: the trial fails above that fraction of a dataset,
+    so ``allowed`` images may be unreadable (on the boundary) and one more fails."""
+    from pretrain.data.folder import UnreadableImages
+
+    tracker = UnreadableImages([f"img{i}.jpg" for i in range(size)], fraction)
+    for i in range(allowed):
+        tracker.mark(i, OSError("truncated"))
+    if allowed < size:
+        with pytest.raises(TooManyUnreadableImages) as e:
+            tracker.mark(allowed, OSError("truncated"))
+        assert str(e.value) == (f"{allowed + 1} of {size} images are unreadable (more than the {allowed} that "
+                                f"data.max_unreadable_fraction={fraction:g} allows: fix the files or raise it), "
+                                f"e.g. img{allowed}.jpg")

@@ -125,6 +125,16 @@ def check_images(report: DataReport, what: str, paths: Sequence[Path], quick: bo
     """
     from pretrain.data.folder import load_rgb
 
+    zero: List[Path] = []
+    if not quick:  # every file is looked at (a stat each), not only the decoded sample
+        zero = [Path(p) for p in paths if Path(p).stat().st_size == 0]
+        if zero:
+            report.add(f"{what} images", MALFORMED if len(zero) == len(paths) else PARTIAL,
+                       f"{len(zero)} of {len(paths)} image files are empty (0 bytes): "
+                       f"{', '.join(map(str, zero[:5]))}{' ...' if len(zero) > 5 else ''}",
+                       "re-download or re-extract these files (at run time unreadable images are skipped and "
+                       "counted, and the trial fails above data.max_unreadable_fraction)")
+        paths = [p for p in paths if Path(p).stat().st_size > 0]
     k = min(len(paths), QUICK_SAMPLE if quick else FULL_SAMPLE)
     sample = random.Random(seed).sample(list(paths), k) if k < len(paths) else list(paths)
     bad = []
@@ -138,7 +148,20 @@ def check_images(report: DataReport, what: str, paths: Sequence[Path], quick: bo
         report.add(f"{what} images", status, f"{len(bad)} of {len(sample)} sampled images do not decode: "
                    f"{', '.join(bad[:3])}", "re-download or re-extract these files (at run time unreadable "
                    "images are skipped and counted, and the trial fails above data.max_unreadable_fraction)")
-    return len(bad)
+    return len(bad) + len(zero)
+
+
+def check_orphan_annotations(report: DataReport, what: str, data: dict, json_file: Path) -> None:
+    """COCO-format annotations whose ``image_id`` is in no entry of ``images``: the reader ignores them (as
+    Detectron2's ``load_coco_json`` never looks them up), so the task runs; the finding names them."""
+    image_ids = {im["id"] for im in data["images"]}
+    orphans = [a for a in data["annotations"] if a["image_id"] not in image_ids]
+    if orphans:
+        shown = ", ".join(f"annotation {a['id']} -> image {a['image_id']}" for a in orphans[:5])
+        report.add(f"{what} annotations", PARTIAL, f"{len(orphans)} of {len(data['annotations'])} annotations in "
+                   f"{json_file} refer to an image id not in 'images' ({shown}{' ...' if len(orphans) > 5 else ''})",
+                   "these objects are ignored at run time: use the complete annotation file, or the images "
+                   "entries that go with it")
 
 
 def check_listed_images(report: DataReport, what: str, images: Sequence[Path], expected: Optional[int],

@@ -121,6 +121,8 @@ def check_coco_format(dataset: COCOFormat) -> Callable[[Path, Any, bool], Any]:
             except COCODataError as e:
                 report.add(what, d.MALFORMED, str(e).split("; expected")[0], f"replace the file ({get})")
                 continue
+            if not quick:
+                d.check_orphan_annotations(report, what, data, json_file)
             d.check_listed_images(report, what, [image_root / im["file_name"] for im in data["images"]],
                                   dataset.sizes.get(split), get, quick, str(image_root))
         return report

@@ -69,8 +69,8 @@ _VOC_DOWNLOAD = {
 def check_data(data_root: Path, cfg: VOCDetConfig, quick: bool):
     """The dataset doctor's check of every VOC set the task reads (``transfer.doctor``), through the reader."""
     from transfer.data import checks as d
-    from transfer.data.voc import (EXPECTED_LAYOUT, VOCDataError, parse_annotation, parse_set_name, read_image_ids,
-                                   voc_dir)
+    from transfer.data.voc import (EXPECTED_LAYOUT, VOCDataError, fix_boxes, parse_annotation, parse_set_name,
+                                   read_image_ids, voc_dir)
 
     report = d.DataReport("voc", EXPECTED_LAYOUT)
     for set_name in [*cfg.data.train_splits, cfg.data.test_split]:
@@ -99,16 +99,23 @@ def check_data(data_root: Path, cfg: VOCDetConfig, quick: bool):
             report.add(what, d.MISSING, f"none of the {len(ids)} images listed in {split}.txt is in "
                        f"{root / 'JPEGImages'}", f"extract JPEGImages/ ({get})")
             continue
-        bad = []
+        bad, fixed = [], []
         for x in (xmls[:20] if quick else xmls):
             try:
-                parse_annotation(x)
+                ann = parse_annotation(x)
             except VOCDataError as e:
                 bad.append(str(e).split(";")[0])
+                continue
+            fixed += [f"{x} object {f['object']}: {f['action']} ({f['why']})"
+                      for f in fix_boxes(ann["objects"], ann["width"], ann["height"])[2]]
         if bad:
             report.add(what, d.MALFORMED, f"{len(bad)} annotation(s) do not parse: {bad[0]}",
                        f"replace the broken XML files ({get})")
             continue
+        if fixed:  # the run goes on: training clips these boxes to the image or drops them, and counts them
+            report.add(f"{what} boxes", d.PARTIAL, f"{len(fixed)} box(es) outside their image or empty: "
+                       f"{'; '.join(fixed[:5])}", "correct them in the XML files (training clips a box to its image "
+                       "and drops an empty one, counted in metrics.json as boxes_clipped / boxes_dropped)")
         expected = d.DATASET_SIZES.get(f"voc{year}_{split}")
         detail = d.count_text(len(ids), expected)
         if len(present) < len(jpgs):

@@ -47,11 +47,12 @@ def register_dataset(name: str, loader: Callable[[], List[dict]], **metadata) ->
     return name
 
 
-def voc_dicts(data_root: Path, set_name: str, use_difficult: bool) -> List[dict]:
+def voc_dicts(data_root: Path, set_name: str, use_difficult: bool, train: bool = True) -> List[dict]:
     """Detectron2 dataset dicts of one VOC set: 0-based ``XYXY_ABS`` boxes, ``category_id`` 0..19
-    (the same boxes as the built-in engine's reader, :func:`transfer.data.voc.load_voc_records`)."""
+    (the same boxes as the built-in engine's reader, :func:`transfer.data.voc.load_voc_records`: clipped to the
+    image, empty ones dropped and, for a training set, counted in metrics.json)."""
     out = []
-    for r in load_voc_sets(data_root, [set_name], use_difficult=use_difficult):
+    for r in load_voc_sets(data_root, [set_name], use_difficult=use_difficult, count_fixes=train):
         anns = [{"bbox": [float(v) for v in box], "bbox_mode": BoxMode.XYXY_ABS, "category_id": int(label) - 1}
                 for box, label in zip(r["boxes"].tolist(), r["labels"].tolist())]
         out.append({"file_name": r["file_name"], "image_id": r["image_id"], "height": r["height"],
@@ -59,12 +60,13 @@ def voc_dicts(data_root: Path, set_name: str, use_difficult: bool) -> List[dict]
     return out
 
 
-def register_voc(data_root: Path, set_name: str, use_difficult: bool = True) -> str:
+def register_voc(data_root: Path, set_name: str, use_difficult: bool = True, train: bool = True) -> str:
     """``2007_test`` -> ``suite_voc_2007_test``, evaluated by ``PascalVOCDetectionEvaluator``
-    (11-point AP for 2007, as the devkit), which reads the XML files under ``dirname`` itself."""
+    (11-point AP for 2007, as the devkit), which reads the XML files under ``dirname`` itself (``train=False``:
+    its boxes are not trained on, so the reader's fixes are not counted)."""
     year, split = parse_set_name(set_name)
     data_root = Path(data_root)
-    return register_dataset(f"suite_voc_{set_name}", lambda: voc_dicts(data_root, set_name, use_difficult),
+    return register_dataset(f"suite_voc_{set_name}", lambda: voc_dicts(data_root, set_name, use_difficult, train),
                      thing_classes=list(VOC_CLASSES), dirname=str(voc_dir(data_root, year)), year=int(year),
                      split=split, evaluator_type="pascal_voc")
 

@@ -50,7 +50,7 @@ def _finish(metrics: Dict[str, float], run: Dict[str, Any], cfg_d2, ctx: TrialCo
 
 def run_voc(cfg: Any, weights: BackboneWeights, ctx: TrialContext) -> Dict[str, float]:
     train = [datasets.register_voc(ctx.data_root, s, cfg.data.train_use_difficult) for s in cfg.data.train_splits]
-    test = datasets.register_voc(ctx.data_root, cfg.data.test_split)
+    test = datasets.register_voc(ctx.data_root, cfg.data.test_split, train=False)
     cfg_d2 = build_config(ctx.engine_config, cfg, weights, ctx, train, [test], cfg.data.num_workers)
     run = train_and_evaluate(cfg_d2, weights, ctx, PascalVOCDetectionEvaluator, log_period=cfg.log_period)
     if not run:
