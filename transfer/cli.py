@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from pretrain.utils import dist
-from pretrain.utils.logs import setup_logging
+from pretrain.utils.logs import print_error_line, setup_logging
 from pretrain.utils.outputs import OutputDirError, check_output_dir
 from pretrain.utils.slurm import add_launcher_args
 
@@ -207,9 +207,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if all(r.get("status") == "ok" for r in records if dist.is_main()) else 1
     except KeyboardInterrupt as e:  # one line instead of the traceback; finished trials are kept
         if dist.is_main():
-            print(f"interrupted: {e}" if isinstance(e, TrialInterrupted) else
-                  "interrupted (no trial was running: finished trials are kept); rerun the same command to go on",
-                  file=sys.stderr)
+            print_error_line(f"interrupted: {e}" if isinstance(e, TrialInterrupted) else
+                             "interrupted (no trial was running: finished trials are kept); rerun the same command "
+                             "to go on")
         return 130
     finally:
         dist.cleanup_distributed()

@@ -251,6 +251,8 @@ def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOpt
     out_dir = trial_dir(spec, weights, opts, trial, resolved.engine)
     lock = DirLock(out_dir) if dist.is_main() else None  # rank 0 only: the other ranks are its own
     holder = lock.acquire() if lock is not None else None
+    if lock is not None and lock.taken_over:
+        log.warning("%s", lock.taken_over)
     try:
         return _run_held_trial(spec, cfg, weights, opts, trial, seed, data_root, device, resolved, setup_error,
                                out_dir, holder)

@@ -66,12 +66,15 @@ def describe_holder(holder: dict) -> str:
 
 class DirLock:
     """``<folder>/.lock`` for one writer of ``folder``. :meth:`acquire` returns None once this process holds it,
-    else the holder's description; :meth:`release` removes the file if it is still this process's."""
+    else the holder's description; :meth:`release` removes the file if it is still this process's.
+    ``taken_over``: the line to log when :meth:`acquire` took over a stale lock (the caller logs it once its
+    log file is open), else None."""
 
     def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / LOCK_NAME
         self.token = uuid.uuid4().hex
         self.held = False
+        self.taken_over: Optional[str] = None
 
     def _content(self) -> str:
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
@@ -119,8 +122,8 @@ class DirLock:
                 os.replace(aside, self.path)
                 continue
             aside.unlink()
-            log.warning("%s: stale lock of %s (that process no longer runs): taken over", self.path,
-                        describe_holder(holder))
+            self.taken_over = f"{self.path}: stale lock of {describe_holder(holder)} (that process no longer runs): " \
+                              "taken over"
         if self._create():
             return None
         text = self._read(self.path) or "{}"
