@@ -10,8 +10,9 @@ start time, rather than ``fcntl.flock``: it works the same on every OS (``fcntl`
 file systems where ``flock`` is emulated or not shared between hosts (a cluster's results folder), and it says
 who holds it, so the message can name the process and the host. Its cost is that a killed holder (SIGKILL, a
 lost node) leaves the file behind, hence the stale rule: a lock of this host whose PID no longer runs is taken
-over, with a log line. A lock of another host cannot be checked from here: it holds until that host's run ends,
-or until it is removed by hand (the message names the file). Under torchrun only rank 0 takes a lock and
+over, with a log line; so is one of an earlier run of this very SLURM job (the same ``SLURM_JOB_ID``: a requeued
+job, which may start on another node). Any other lock of another host cannot be checked from here: it holds until
+that host's run ends, or until it is removed by hand (the message names the file). Under torchrun only rank 0 takes a lock and
 tells the other ranks the verdict: a rank must never be refused by its own rank 0's lock.
 """
 from __future__ import annotations
@@ -60,6 +61,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _stale(holder: dict) -> Optional[str]:
+    """Why the lock's holder is gone (a PID of this host that no longer runs, an earlier run of this SLURM job),
+    or None when it may still run."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    me = (socket.gethostname(), os.getpid())
+    if job and holder.get("slurm_job_id") == job and (holder.get("host"), holder.get("pid")) != me:
+        return f"an earlier run of this SLURM job {job}"
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0 and not _pid_alive(pid):
+        return "that process no longer runs"
+    return None
+
+
 def describe_holder(holder: dict) -> str:
     return (f"host {holder.get('host', '?')} pid {holder.get('pid', '?')} since {holder.get('started_at', '?')}")
 
@@ -78,6 +92,7 @@ class DirLock:
 
     def _content(self) -> str:
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+                           "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
                            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "command": " ".join(sys.argv)[:500]}) + "\n"
 
@@ -109,7 +124,8 @@ class DirLock:
                 holder = json.loads(text)
             except json.JSONDecodeError:  # being written this instant, or damaged: not ours to take
                 return f"an unreadable lock ({self.path}; remove it if no process writes there)"
-            if holder.get("host") != socket.gethostname() or _pid_alive(int(holder.get("pid", -1))):
+            why = _stale(holder)
+            if why is None:
                 return f"{describe_holder(holder)} ({self.path})"
             # stale: its holder was killed. Move it aside first so that, of two processes taking it over,
             # only the one whose rename moved that very file goes on
@@ -122,8 +138,7 @@ class DirLock:
                 os.replace(aside, self.path)
                 continue
             aside.unlink()
-            self.taken_over = f"{self.path}: stale lock of {describe_holder(holder)} (that process no longer runs): " \
-                              "taken over"
+            self.taken_over = f"{self.path}: stale lock of {describe_holder(holder)} ({why}): taken over"
         if self._create():
             return None
         text = self._read(self.path) or "{}"

@@ -121,3 +121,17 @@ def test_a_lock_of_another_host_is_never_taken(tmp_path):
     assert DirLock(tmp_path / "free").acquire().startswith(f"host {socket.gethostname()} pid {os.getpid()} since ")
     mine.release()
     assert not mine.path.exists()
+
+
+def test_a_lock_of_an_earlier_run_of_this_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    """A requeued SLURM job keeps its job id and may start on another node: its earlier lock is stale."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job_id": "4242"}))
+    lock = DirLock(tmp_path)
+    assert lock.acquire() is None and lock.taken_over == (
+        f"{tmp_path / LOCK_NAME}: stale lock of host elsewhere pid 1 since ? (an earlier run of this SLURM job 4242): "
+        "taken over")
+    assert json.loads(lock.path.read_text())["slurm_job_id"] == "4242"
+    monkeypatch.setenv("SLURM_JOB_ID", "7")  # another job's lock holds
+    assert DirLock(tmp_path).acquire() == f"host {socket.gethostname()} pid {os.getpid()} since " \
+        f"{json.loads(lock.path.read_text())['started_at']} ({lock.path})"
