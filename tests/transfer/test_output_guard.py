@@ -135,3 +135,30 @@ def test_a_lock_of_an_earlier_run_of_this_slurm_job_is_taken_over(tmp_path, monk
     monkeypatch.setenv("SLURM_JOB_ID", "7")  # another job's lock holds
     assert DirLock(tmp_path).acquire() == f"host {socket.gethostname()} pid {os.getpid()} since " \
         f"{json.loads(lock.path.read_text())['started_at']} ({lock.path})"
+
+
+def test_watch_evaluates_a_checkpoint_again_while_another_process_holds_a_trial(guard_tasks, tmp_path):
+    import torchvision
+
+    from pretrain.utils.io import sha256_file
+
+    run = tmp_path / "pretrain"
+    run.mkdir()
+    (run / "config.yaml").write_text("optim:\n  epochs: 1\n  iterations: 0\n")
+    sd = torchvision.models.resnet18().state_dict()
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": {f"module.encoder_q.{k}": v for k, v in sd.items()}},
+               run / "checkpoint_0001.pth")
+    out = tmp_path / "watch"
+    name = f"ep0001-{sha256_file(run / 'checkpoint_0001.pth')[:8]}"
+    lock = out / name / "guard_ok" / "guard" / "trial0" / LOCK_NAME
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started_at": "T0"}))
+    args = ["--watch", str(run), "--once", "--tasks", "guard_ok", "--engine", "guard", "--preset", "smoke",
+            "--output", str(out), "--data-root", str(out), "--no-report"]
+    assert main(args) == 0
+    assert "trials held by another process; evaluated again at the next look" in (out / "run_all.log").read_text()
+    assert not (out / "watch_state.json").exists()  # not recorded as evaluated
+    lock.unlink()  # the other process ended (without finishing this trial)
+    assert main(args) == 0
+    [rec] = json.loads((out / "watch_state.json").read_text())["evaluated"].values()
+    assert rec["metrics"] == {"guard_ok": {"top1": 1.0}}
