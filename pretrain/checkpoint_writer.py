@@ -26,6 +26,7 @@ class CheckpointWriter:
         self.arch, self.config = cfg.model.arch, config_to_dict(cfg)
         self.period, self.keep, self.num_epochs = cfg.solver.checkpoint_period, cfg.run.keep_period_epochs, num_epochs
         self.last_period = cfg.run.last_period_epochs
+        self.last_written: tuple[str, int] | None = None  # (file name, global step) of this run's last write
 
     def write(self, name: str, epoch: int, start_iter: int, global_step: int) -> None:
         """``<output_dir>/name`` resuming at iteration ``start_iter`` of ``epoch``."""
@@ -36,6 +37,7 @@ class CheckpointWriter:
             ckpt_io.save_checkpoint(self.out / name, model=self.moco, optimizer=self.optimizer, epoch=epoch,
                                     arch=self.arch, config=self.config, global_step=global_step, sampler=position)
         dist.barrier()
+        self.last_written = (name, global_step)
 
     def after_step(self, epoch: int, done: int, global_step: int, epoch_len: int) -> None:
         """After iteration ``done`` of ``epoch`` (of ``epoch_len``): the last checkpoint when the period is due

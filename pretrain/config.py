@@ -124,6 +124,9 @@ def validate(cfg: PretrainConfig) -> None:
     for key in ("keep_period_epochs", "last_period_epochs"):
         if getattr(cfg.run, key) < 1:
             raise ConfigError(f"run.{key}={getattr(cfg.run, key)}: must be at least 1 (epochs between two writes)")
+    if cfg.run.resume not in ("", "auto") and Path(cfg.run.resume).is_dir():
+        raise ConfigError(f"run.resume={cfg.run.resume!r}: {cfg.run.resume} is a directory, not a checkpoint file "
+                          "(run.resume=auto resumes from the last checkpoint in run.output_dir)")
     if cfg.run.resume not in ("", "auto") and not Path(cfg.run.resume).is_file():
         raise ConfigError(f"run.resume={cfg.run.resume!r}: no such checkpoint file")
 

@@ -75,6 +75,8 @@ class EpochLoop:
         self.loader, self.sampler, self.tracker, self.plan = loader, sampler, tracker, plan
         self.checkpoints, self.device = checkpoints, device
         self.base_lr = effective_lr(cfg)
+        self.position: tuple[int, int, int] | None = None  # (epoch, iterations done in it, global step): the last step
+
 
     def lr(self, epoch: int, step: int) -> float:
         o = self.cfg.solver
@@ -82,6 +84,7 @@ class EpochLoop:
                      iterations=o.iterations, steps=o.steps, gamma=o.gamma, step_period=o.step_period)
 
     def _after_step(self, epoch: int, done: int, step: int) -> None:
+        self.position = (epoch, done, step)
         self.checkpoints.after_step(epoch, done, step, self.plan.epoch_len(epoch))
 
     def run(self, start: ResumePoint) -> dict:

@@ -6,6 +6,8 @@
 
 With ``--launcher slurm`` one job runs the pretraining (a process per GPU, as torchrun would) and is
 requeued on preemption and time-out with ``--resume auto``; see ``pretrain/utils/slurm.py``.
+One writer per ``run.output_dir`` (its ``.lock``, taken by rank 0): a second run on the same folder stops at once
+(exit 2). Ctrl-C prints where the run stopped and which checkpoint ``--resume auto`` continues from (exit 130).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from pretrain.main import main
 from pretrain.utils import dist
 from pretrain.utils.config import ConfigError
 from pretrain.utils.io import CheckpointError
+from pretrain.utils.logs import print_error_line
+from pretrain.utils.outputs import OutputDirError
 from pretrain.utils.slurm import add_launcher_args, slurm_options, strip_launcher_args, submit
 
 
@@ -40,9 +44,13 @@ def cli(argv: list[str] | None = None) -> int:
                    str(Path(__file__).resolve()), resume_args=["--resume", "auto"], dry_run=a.dry_run, function="cli")
             return 0
         main(cfg)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, OutputDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # one line instead of the traceback (pretrain.main.PretrainInterrupted)
+        if dist.is_main():
+            print_error_line(f"interrupted: {e}" if str(e) else "interrupted before training started")
+        return 130
     finally:
         dist.cleanup_distributed()
     return 0

@@ -18,6 +18,9 @@ of a running pretraining (``transfer/watch.py``). ``--launcher slurm``: submit w
 here (``pretrain/utils/slurm.py``).
 Several GPUs / nodes: ``torchrun --nproc_per_node=8 transfer/run_all.py ...`` (nothing is rescaled:
 set ``solver.batch_size`` yourself if needed; effective values are recorded with every result).
+One output, one writer: a trial another process is running (its ``trial<k>/.lock``) is skipped and shown as
+``held`` in the summary (exit 1); under torchrun only rank 0 takes the locks. Ctrl-C names the trial it stopped
+and exits 130: rerunning the same command resumes it.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from pretrain.utils import dist
-from pretrain.utils.logs import setup_logging
+from pretrain.utils.logs import print_error_line, setup_logging
+from pretrain.utils.outputs import OutputDirError, check_output_dir
 from pretrain.utils.slurm import add_launcher_args
 
 log = logging.getLogger("transfer.run_all")
@@ -128,7 +132,8 @@ def submit_to_slurm(args: argparse.Namespace, argv: List[str], tasks: List[str])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Returns 0 when every trial finished ok, 1 when some failed, 2 when nothing could start."""
+    """Returns 0 when every trial finished ok, 1 when some failed or are held by another process, 2 when nothing
+    could start, 130 when interrupted (Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     from transfer.plugins import load_plugins
@@ -136,7 +141,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         load_plugins(m for m in args.plugins.split(",") if m)
-    except ImportError as e:
+        check_output_dir(args.output, "--output")
+    except (ImportError, OutputDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.engine != "auto" and args.engine not in ENGINES:
@@ -155,7 +161,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     tasks.remove(t)
         return submit_to_slurm(args, argv, tasks)
     from pretrain.utils.config import ConfigError
-    from transfer.runner import SuiteOptions, format_summary, one_line_error, route_overrides, run_suite, write_report
+    from transfer.runner import (SuiteOptions, TrialInterrupted, format_summary, one_line_error, route_overrides,
+                                 run_suite, write_report)
     from transfer.weights.resolve import load_backbone_weights
 
     try:
@@ -198,5 +205,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not args.no_report:
                 write_report(args.output)
         return 0 if all(r.get("status") == "ok" for r in records if dist.is_main()) else 1
+    except KeyboardInterrupt as e:  # one line instead of the traceback; finished trials are kept
+        if dist.is_main():
+            print_error_line(f"interrupted: {e}" if isinstance(e, TrialInterrupted) else
+                             "interrupted (no trial was running: finished trials are kept); rerun the same command "
+                             "to go on")
+        return 130
     finally:
         dist.cleanup_distributed()

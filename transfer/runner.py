@@ -21,6 +21,14 @@ a reader clipped to their image or dropped as empty are counted too (``boxes_cli
 rank of a multi-process trial raises, it publishes its error and aborts its connections, every peer fails
 out of its collective within seconds, all record the first rank's error, and the process group is
 re-formed for the next trial (``pretrain.utils.dist.publish_failure`` / ``reform_group``).
+
+One output, one writer: while a process runs a trial it holds ``<trial>/.lock`` (:class:`pretrain.utils.outputs.
+DirLock`: host, PID, start time), taken before the finished-result check and released when the trial ends, ok or
+failed. A second ``run_all.py`` on the same ``--output`` skips the trials another process holds, says so in its
+log and in its summary (status ``held``) and exits 1; a lock left by a killed process of this host (its PID no
+longer runs) is taken over, so a rerun after a crash resumes. Under torchrun only rank 0 takes the lock, and the
+verdict goes to every rank with the finished-result check. Ctrl-C during a trial stops the suite with
+:class:`TrialInterrupted`: which trial, where its checkpoint is, and that rerunning the same command resumes it.
 """
 from __future__ import annotations
 
@@ -44,6 +52,7 @@ from pretrain.utils.config import ConfigError, config_to_yaml, leaf_keys, load_c
 from pretrain.utils.vocabulary import translate_dotlist
 from pretrain.utils.env import collect_env
 from pretrain.utils.io import atomic_write_json, atomic_write_text
+from pretrain.utils.outputs import DirLock
 from transfer import results
 from transfer.context import TrialContext
 from transfer.data.fixes import count_box_fixes
@@ -214,14 +223,18 @@ def _with_seed(cfg: Any, seed: int) -> Any:
     return dataclasses.replace(cfg, seed=seed) if "seed" in names else cfg
 
 
-NEW, DONE, CONFLICT = 0, 1, 2
+NEW, DONE, CONFLICT, HELD = 0, 1, 2, 3
 
 
-def _previous_state(metrics_file: Path, want_hash: Optional[str], preset: str, seed: int, schema: type) -> int:
-    """NEW (run it), DONE (an ok result of this very config and seed: skip) or CONFLICT (an ok result of
-    another config, preset or seed: refuse rather than overwrite or mix). Rank 0 reads and tells the others."""
+def _previous_state(metrics_file: Path, want_hash: Optional[str], preset: str, seed: int, schema: type,
+                    held: bool = False) -> int:
+    """NEW (run it), DONE (an ok result of this very config and seed: skip), CONFLICT (an ok result of
+    another config, preset or seed: refuse rather than overwrite or mix) or HELD (rank 0 found the trial's lock
+    held by another process: skip). Rank 0 reads and tells the others."""
     state = torch.tensor([NEW], dtype=torch.int64)
-    if dist.is_main():
+    if dist.is_main() and held:
+        state[0] = HELD
+    elif dist.is_main():
         rec = results.read_json(metrics_file)
         if rec is not None and rec.get("status") == "ok":
             done_hash = results.record_protocol_hash(rec, metrics_file.parent, schema)
@@ -235,14 +248,35 @@ def _previous_state(metrics_file: Path, want_hash: Optional[str], preset: str, s
 
 def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOptions, trial: int, seed: int,
               data_root: Path, device: torch.device, resolved: Resolved, setup_error: Optional[str] = None) -> dict:
-    """Run one (task, trial) on its resolved engine unless finished; returns its metrics.json record
-    (``skipped`` added if it was)."""
+    """Run one (task, trial) on its resolved engine unless finished or held by another process; returns its
+    metrics.json record (``skipped`` added if it was)."""
     out_dir = trial_dir(spec, weights, opts, trial, resolved.engine)
+    lock = DirLock(out_dir) if dist.is_main() else None  # rank 0 only: the other ranks are its own
+    holder = lock.acquire() if lock is not None else None
+    if lock is not None and lock.taken_over:
+        log.warning("%s", lock.taken_over)
+    try:
+        return _run_held_trial(spec, cfg, weights, opts, trial, seed, data_root, device, resolved, setup_error,
+                               out_dir, holder)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_held_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOptions, trial: int, seed: int,
+                    data_root: Path, device: torch.device, resolved: Resolved, setup_error: Optional[str],
+                    out_dir: Path, holder: Optional[str]) -> dict:
+    """:func:`run_trial` once rank 0 tried the trial's lock (``holder``: who has it instead, or None)."""
     metrics_file = out_dir / "metrics.json"
     if cfg is not None:
         cfg = _with_seed(cfg, seed)
     want_hash = protocol_hash(cfg) if cfg is not None else None
-    state = _previous_state(metrics_file, want_hash, opts.preset, seed, spec.schema)
+    state = _previous_state(metrics_file, want_hash, opts.preset, seed, spec.schema, held=holder is not None)
+    if state == HELD:
+        error = f"another process is running this trial: {holder}; skipped here"
+        log.warning("%s trial %d (engine %s): %s", spec.name, trial, resolved.engine, error)
+        return {"status": "held", "task": spec.name, "trial": trial, "engine": resolved.engine, "error": error,
+                "skipped": True}
     if state == DONE:
         log.info("%s trial %d: finished before, skipped (%s)", spec.name, trial, metrics_file)
         rec = results.read_json(metrics_file) if dist.is_main() else {}
@@ -297,6 +331,8 @@ def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOpt
         record["metrics"] = {k: float(v) for k, v in (metrics or {}).items()}
         record["status"] = "ok"
         log.info("%s trial %d: %s", spec.name, trial, "  ".join(f"{k} {v:.2f}" for k, v in record["metrics"].items()))
+    except KeyboardInterrupt:  # Ctrl-C: no record (the trial is not finished); the rerun resumes it
+        raise TrialInterrupted(spec.name, resolved.engine, trial, out_dir) from None
     except Exception as e:  # a task failing must not stop the suite
         record["error"] = one_line_error(e)
         if world > 1:  # tell the peers now (they fail out of any collective), then start afresh together
@@ -320,6 +356,32 @@ def run_trial(spec: TaskSpec, cfg: Any, weights: BackboneWeights, opts: SuiteOpt
     if dist.is_main():
         atomic_write_json(metrics_file, record)  # last: its presence marks the trial as finished
     return record
+
+
+class TrialInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a trial; ``str()`` is the one line ``run_all.py`` prints: the trial, where its checkpoint
+    stands, and that rerunning the same command resumes it."""
+
+    def __init__(self, task: str, engine: str, trial: int, out_dir: Path):
+        where = saved_point(out_dir)
+        resume = (f"; rerun the same command to resume it from its checkpoint {where}" if where is not None else
+                  " before its first checkpoint; rerun the same command to run it again")
+        super().__init__(f"{task} trial {trial} (engine {engine}) stopped{resume}")
+
+
+def saved_point(out_dir: Path) -> Optional[str]:
+    """Where a rerun resumes a trial: the stage and iteration of the built-in engines' trial checkpoint
+    (``*checkpoint.pth``, read without its tensors), or Detectron2's last checkpoint name; None without one."""
+    for path in sorted(Path(out_dir).glob("*checkpoint.pth")):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return f"at iteration {int(state['iteration'])} ({state['stage']}, {path.name})"
+        except Exception:  # noqa: BLE001  (an older or foreign file: the message goes without it)
+            continue
+    last = Path(out_dir) / "last_checkpoint"  # Detectron2's checkpointer names its last file here
+    if last.is_file():
+        return last.read_text().strip()
+    return None
 
 
 def one_line_error(e: BaseException) -> str:

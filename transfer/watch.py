@@ -136,6 +136,9 @@ def watch(pretrain_dir: Path, opts: SuiteOptions, device: torch.device, every: i
                 continue
             log.info("watch: evaluating %s (epoch %d) as %s", path, epoch, name)
             records = run_suite(weights, opts, device)
+            if any(r.get("status") == "held" for r in records):  # rank 0's records: another process runs some
+                log.warning("watch: %s: trials held by another process; evaluated again at the next look", path)
+                continue
             if dist.is_main():
                 metrics: Dict[str, dict] = {}
                 for r in records:

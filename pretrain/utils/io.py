@@ -65,6 +65,8 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
     Checkpoints from others are untrusted: only tensors and plain containers are unpickled.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:

@@ -38,6 +38,14 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
         root.addHandler(fh)
 
 
+def print_error_line(text: str) -> None:
+    """``text`` on its own line of stderr: the progress bars an interrupted loop left open are closed first
+    (a bar leaves its line without a newline, and the text would otherwise continue it)."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(text, file=sys.stderr)
+
+
 def format_duration(seconds: float) -> str:
     """``3h12m``, ``4m05s``, ``12s``."""
     s = int(round(max(seconds, 0.0)))

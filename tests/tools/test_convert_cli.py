@@ -175,3 +175,10 @@ def test_supervised_by_name_from_the_hub_cache_or_one_line_error(tool, resnet18,
         ("supervised_tv", "torchvision", str(cached), False)
     assert tool.main([f"supervised_msra={cached}", str(tmp_path / "x.pkl")]) == 1
     assert "is not an MSRA caffe2 ResNet" in capsys.readouterr().err and not (tmp_path / "x.pkl").exists()
+
+
+def test_a_directory_as_input_is_named_as_such(tool, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert tool.main([str(tmp_path / "run"), str(tmp_path / "out.pkl")]) == 1
+    assert capsys.readouterr().err == f"convert_to_d2: error: {tmp_path / 'run'} is a directory, not a checkpoint file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -71,6 +71,8 @@ def load_pickle(path: str | os.PathLike) -> Any:
 
 
 def _check_exists(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:

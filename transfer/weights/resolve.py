@@ -168,6 +168,8 @@ def load_weights_file(spec: str, name: Optional[str] = None, arch: Optional[str]
                       encoder: Optional[str] = None) -> BackboneWeights:
     """One weights file (see :func:`load_backbone_weights`), with the settings of its manifest or layout."""
     path = Path(spec)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"weights not found: {spec!r} (expected 'random', 'supervised', "
                               "'supervised_tv[=FILE]', 'supervised_msra=FILE' or a checkpoint file)")
