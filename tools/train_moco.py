@@ -43,6 +43,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # diverged: the last good checkpoint is kept (pretrain/checkpoint_writer.py)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         dist.cleanup_distributed()
     return 0
