@@ -60,6 +60,20 @@ def test_config_errors(tmp_path):
     assert load_cli()(["--config", str(SMOKE), "optim.lrr=1"]) == 2  # one line on stderr, exit code 2
 
 
+def test_a_wrong_type_names_the_key_the_value_and_the_type(tmp_path, capsys):
+    for override, kind in [("solver.iterations=abc", "int"), ("solver.base_lr=fast", "float"),
+                           ("model.mlp=maybe", "bool"), ("solver.steps=[1,x]", "list of int"), ("solver=3", "mapping")]:
+        with pytest.raises(ConfigError) as e:
+            load_pretrain_config(SMOKE, [override])
+        assert str(e.value) == f"{override}: expected {kind}"
+    assert load_cli()(["--config", str(SMOKE), "solver.iterations=abc"]) == 2
+    assert capsys.readouterr().err == "error: solver.iterations=abc: expected int\n"
+    (tmp_path / "bad.yaml").write_text("solver:\n  iterations: abc\n")  # in a file: the file and the key
+    with pytest.raises(ConfigError, match=rf"^invalid config \(from {tmp_path / 'bad.yaml'}\): solver\.iterations: "
+                                          r"Value 'abc' of type 'str' could not be converted to Integer$"):
+        load_pretrain_config(tmp_path / "bad.yaml")
+
+
 def _saved(tmp_path, *overrides):
     cfg = tiny_config(tmp_path, tmp_path, *overrides)
     model = build_moco(cfg)
