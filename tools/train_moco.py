@@ -19,7 +19,7 @@ from pretrain.config import load_pretrain_config
 from pretrain.main import main
 from pretrain.utils import dist
 from pretrain.utils.config import ConfigError
-from pretrain.utils.io import CheckpointError
+from pretrain.utils.io import CheckpointError, WriteError
 from pretrain.utils.slurm import add_launcher_args, slurm_options, strip_launcher_args, submit
 
 
@@ -43,7 +43,7 @@ def cli(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:  # diverged: the last good checkpoint is kept (pretrain/checkpoint_writer.py)
+    except (FloatingPointError, WriteError) as e:  # diverged, or the disk is full: the last good checkpoint is kept
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
