@@ -55,12 +55,13 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, arch: str,
                     config: dict, global_step: int, sampler: dict) -> None:
-    """Write atomically. ``epoch`` follows the official meaning: the epoch to start from on resume."""
+    """Write atomically (a full disk raises :class:`~pretrain.utils.io.WriteError`, the previous file intact).
+    ``epoch`` follows the official meaning: the epoch to start from on resume."""
     atomic_torch_save({
         "epoch": epoch, "arch": arch, "state_dict": to_official_state_dict(model),
         "optimizer": optimizer.state_dict(), "config": config, "global_step": global_step,
         "rng": rng_state(), "sampler": sampler,
-    }, path)
+    }, path, what="checkpoint", hint="free space and rerun with --resume auto")
 
 
 def find_last_checkpoint(output_dir: str | Path) -> Path | None:

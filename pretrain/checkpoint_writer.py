@@ -1,6 +1,7 @@
 """The run's checkpoint files: ``checkpoint_last.pth`` every ``solver.checkpoint_period`` steps within an epoch
 and every ``run.last_period_epochs`` epochs, ``checkpoint_%04d.pth`` every ``run.keep_period_epochs`` epochs; both
 after the last epoch, and ``checkpoint_last.pth`` with every kept file, so that it is never older than one.
+Weights with non-finite values are never written: a diverged run keeps its last good checkpoint.
 Layout: :mod:`pretrain.checkpoint`."""
 from __future__ import annotations
 
@@ -28,8 +29,26 @@ class CheckpointWriter:
         self.last_period = cfg.run.last_period_epochs
         self.last_written: tuple[str, int] | None = None  # (file name, global step) of this run's last write
 
+    def check_finite(self, global_step: int) -> None:
+        """Raise FloatingPointError if a weight, buffer or queue entry is nan or inf (every rank: they are equal
+        under DDP). One host sync per checkpoint; the names are listed only on failure."""
+        state = {k: v for k, v in self.moco.state_dict().items() if v.is_floating_point()}
+        if bool(torch.stack([torch.isfinite(v).all() for v in state.values()]).all()):
+            return
+        bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+        raise FloatingPointError(f"{len(bad)} tensor(s) became non-finite by step {global_step}, e.g. {bad[:3]}; "
+                                 f"checkpoint not written")
+
+    def kept(self) -> str:
+        """Where a failed run can continue from: the last checkpoint on disk (every one written was finite)."""
+        last = ckpt_io.find_last_checkpoint(self.out)
+        if last is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint is kept: {last} (rerun with --resume auto, e.g. with a lower solver.base_lr)"
+
     def write(self, name: str, epoch: int, start_iter: int, global_step: int) -> None:
         """``<output_dir>/name`` resuming at iteration ``start_iter`` of ``epoch``."""
+        self.check_finite(global_step)
         position = {"epoch": epoch, "start_iter": start_iter}
         if self.tracker is not None:
             position["streams"] = self.tracker.state()  # a collective: every rank's stream positions

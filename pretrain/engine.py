@@ -40,6 +40,40 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, im_q: torch.T
     return loss.detach(), logits.detach()
 
 
+class LossWatch:
+    """Remembers, on the device, the first non-finite loss of an epoch. :meth:`record` each step is a few
+    device ops and no host sync; :meth:`check` reads it (one host sync: on GPU a wait for the queued steps),
+    so the loop calls it only where it syncs anyway (log lines, the epoch's end)."""
+
+    def __init__(self, device: torch.device, start_iter: int, global_step: int):
+        self.start_iter, self.global_step = start_iter, global_step
+        self.steps = torch.zeros((), dtype=torch.long, device=device)  # steps recorded
+        self.first = torch.full((), -1, dtype=torch.long, device=device)  # the step of the first bad loss
+        self.loss = torch.zeros((), device=device)  # its value
+
+    def record(self, loss: torch.Tensor) -> None:
+        self.steps += 1
+        new = ~torch.isfinite(loss) & (self.first < 0)
+        self.first = torch.where(new, self.steps, self.first)
+        self.loss = torch.where(new, loss.float(), self.loss)
+
+    def check(self, epoch: int, it: int) -> None:
+        """Raise FloatingPointError naming the first non-finite loss, on every rank when any rank saw one
+        (the others would otherwise wait at the next collective)."""
+        seen = (self.first >= 0).to(torch.float64)
+        if dist.is_dist():
+            seen = dist.all_reduce_sum(seen.clone())
+        if float(seen) == 0:
+            return
+        first = int(self.first)
+        if first < 0:
+            raise FloatingPointError(f"loss became non-finite on another rank by epoch {epoch} iteration {it}")
+        bad_it = self.start_iter + first
+        seen_at = f"; seen at iteration {it}" if it != bad_it else ""
+        raise FloatingPointError(f"loss became {float(self.loss)} at epoch {epoch} iteration {bad_it} "
+                                 f"(step {self.global_step + first}){seen_at}")
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable,
@@ -61,13 +95,15 @@ def train_one_epoch(
     ``(im_q (B,3,H,W), im_k (B,3,H,W), skipped (B,))``.
 
     ``lr_fn(epoch, global_step) -> lr`` is applied before every step. ``on_iter_end(epoch, iter_done, global_step)`` runs
-    after each step (mid-epoch checkpoints). Returns ``(stats, global_step)``; stats are averaged over ranks.
+    after each step (mid-epoch checkpoints). A non-finite loss raises FloatingPointError at the next log line or
+    the epoch's end (:class:`LossWatch`). Returns ``(stats, global_step)``; stats are averaged over ranks.
     """
     model.train()
     use_cuda = device.type == "cuda"
     # running sums of (loss, contrastive top-1) stay on the device and are read only when logging:
     # a host sync every step would stall the GPU queue behind each step
     sums = torch.zeros(2, device=device)
+    watch = LossWatch(device, start_iter, global_step)
     skipped = 0
     n = 0
     t0 = time.perf_counter()
@@ -88,8 +124,10 @@ def train_one_epoch(
         n += 1
         it += 1
         global_step += 1
+        watch.record(loss_t)
         bar.update(1)
         if n % log_period == 0 or n == num_iters:
+            watch.check(epoch, it)  # before the log line and before the epoch's end checkpoint
             elapsed = time.perf_counter() - t0
             ips = n * im_q.shape[0] * dist.world_size() / max(elapsed, 1e-9)
             loss_avg, acc1_avg = (sums / n).tolist()

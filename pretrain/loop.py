@@ -124,6 +124,8 @@ class EpochLoop:
                 log.info("%s", format_epoch_summary(epoch + 1, plan.num_epochs, stats, eta))
                 if dist.is_main():
                     atomic_write_json(out / "last_stats.json", {"epoch": epoch + 1, "global_step": step, **stats})
+        except FloatingPointError as e:  # a diverged run: no checkpoint of it was written (CheckpointWriter)
+            raise FloatingPointError(f"{e}; {self.checkpoints.kept()}") from None
         finally:
             if writer is not None:
                 writer.close()

@@ -21,7 +21,7 @@ from pretrain.config import load_pretrain_config
 from pretrain.main import main
 from pretrain.utils import dist
 from pretrain.utils.config import ConfigError
-from pretrain.utils.io import CheckpointError
+from pretrain.utils.io import CheckpointError, WriteError
 from pretrain.utils.logs import print_error_line
 from pretrain.utils.outputs import OutputDirError
 from pretrain.utils.slurm import add_launcher_args, slurm_options, strip_launcher_args, submit
@@ -47,6 +47,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError, OutputDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (FloatingPointError, WriteError) as e:  # diverged, or the disk is full: the last good checkpoint is kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # one line instead of the traceback (pretrain.main.PretrainInterrupted)
         if dist.is_main():
             print_error_line(f"interrupted: {e}" if str(e) else "interrupted before training started")

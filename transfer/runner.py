@@ -48,7 +48,8 @@ import torch
 
 from pretrain.data.folder import count_unreadable
 from pretrain.utils import dist
-from pretrain.utils.config import ConfigError, config_to_yaml, leaf_keys, load_config, protocol_hash
+from pretrain.utils.config import (ConfigError, check_overrides, config_to_yaml, leaf_keys, load_config,
+                                   protocol_hash)
 from pretrain.utils.vocabulary import translate_dotlist
 from pretrain.utils.env import collect_env
 from pretrain.utils.io import atomic_write_json, atomic_write_text
@@ -139,8 +140,9 @@ def route_overrides(tasks: Sequence[str], overrides: Sequence[str]) -> Dict[str,
     ``<task>.a.b=v`` goes to that task only (as ``a.b=v``); an un-prefixed ``a.b=v`` goes to every
     selected task whose config has ``a.b`` (``data.num_workers=0``, ``seed=1``: every task with the concept).
     Keys renamed since (:mod:`pretrain.utils.vocabulary`) are routed, and passed on, under today's names.
-    An override that no selected task accepts is an error naming the tasks and the key, raised before
-    anything runs.
+    An override that no selected task accepts is an error naming the tasks and the key, and a value of the wrong
+    type for a task's key one naming the override and the type (``solver.iterations=abc: expected int``), both
+    raised before anything runs.
     """
     load_plugins()
 
@@ -150,6 +152,7 @@ def route_overrides(tasks: Sequence[str], overrides: Sequence[str]) -> Dict[str,
         return new if _schema_has(schema, new.partition("=")[0]) else None
 
     routed: Dict[str, List[str]] = {t: [] for t in tasks}
+    given: Dict[str, List[str]] = {t: [] for t in tasks}  # as the user wrote them, for the messages
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq or not key:
@@ -165,6 +168,7 @@ def route_overrides(tasks: Sequence[str], overrides: Sequence[str]) -> Dict[str,
             if new is None:
                 raise ConfigError(f"override {item!r}: task {head!r} has no config key {rest!r}")
             routed[head].append(new)
+            given[head].append(item)
             continue
         takers = {t: in_schema(t, item) for t in tasks}
         if not any(takers.values()):
@@ -173,6 +177,9 @@ def route_overrides(tasks: Sequence[str], overrides: Sequence[str]) -> Dict[str,
         for t, new in takers.items():
             if new is not None:
                 routed[t].append(new)
+                given[t].append(item)
+    for t in tasks:
+        check_overrides(TASKS[t].schema, routed[t], shown=given[t])
     return routed
 
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from pretrain.utils.vocabulary import translate_dotlist, translate_tree
 
@@ -87,13 +87,72 @@ def load_config(
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"overrides must look like key=value, got: {bad}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(translate_dotlist(overrides, keys=leaf_keys(schema), warn=warn_renamed)))
+            cfg = merge_overrides(cfg, schema, translate_dotlist(overrides, keys=leaf_keys(schema), warn=warn_renamed),
+                                  shown=overrides)
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         # OmegaConf's message names the key (e.g. "Key 'lrr' not in 'OptimConfig'"); keep its first line.
         msg = str(e).strip().splitlines()[0]
+        key = getattr(e, "full_key", None)
+        if isinstance(e, ValidationError) and key and key not in msg:  # a wrong type in the YAML file
+            msg = f"{key}: {msg}"
         where = f" (from {yaml_path})" if yaml_path else ""
         raise ConfigError(f"invalid config{where}: {msg}") from None
+
+
+def merge_overrides(cfg: DictConfig, schema: type, overrides: Sequence[str],
+                    shown: Sequence[str] | None = None) -> DictConfig:
+    """``cfg`` with the ``key=value`` ``overrides`` merged one by one, so that a value of the wrong type raises
+    :class:`ConfigError` naming that override as given (``shown``, e.g. before renamed keys were translated)
+    and the type its key takes: ``solver.iterations=abc: expected int``."""
+    for item, given in zip(overrides, shown if shown is not None else overrides):
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except ValidationError:
+            kind = field_type(schema, item.partition("=")[0])
+            if kind is None:
+                raise
+            raise ConfigError(f"{given}: expected {type_name(kind)}") from None
+    return cfg
+
+
+def check_overrides(schema: type, overrides: Sequence[str], shown: Sequence[str] | None = None) -> None:
+    """Raise :class:`ConfigError` for an override of ``schema`` with an unknown key or a value of the wrong
+    type, without reading a YAML file (a suite checks every task's overrides before its first trial)."""
+    cfg = OmegaConf.structured(schema)
+    _make_writable(cfg)
+    try:
+        merge_overrides(cfg, schema, overrides, shown)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid override: {str(e).strip().splitlines()[0]}") from None
+
+
+def field_type(schema: type, dotted: str) -> Any | None:
+    """The annotation of the (nested) field ``a.b.c`` of the config dataclass ``schema``; None if it has none."""
+    node: Any = schema
+    for part in dotted.split("."):
+        if not is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None
+        node = hints[part]
+    return node
+
+
+def type_name(kind: Any) -> str:
+    """``int``, ``list of int``, ``str or null``, ``mapping``... for an error message."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (list, tuple, Sequence) or kind in (list, tuple):
+        return f"list of {type_name(args[0])}" if args else "list"
+    if origin in (dict, typing.Mapping) or kind is dict:
+        return "mapping"
+    if origin is typing.Union:
+        names = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names + (["null"] if type(None) in args else []))
+    if is_dataclass(kind):
+        return "mapping"
+    return getattr(kind, "__name__", str(kind))
 
 
 def leaf_keys(schema: type) -> frozenset:

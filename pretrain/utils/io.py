@@ -6,9 +6,11 @@ place, so an interrupted run never leaves a half-written checkpoint or result be
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -20,9 +22,40 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, or not in a layout we can read."""
 
 
+class WriteError(OSError):
+    """A file could not be written (no space left on the device): its previous version, if any, is intact."""
+
+    def __init__(self, message: str, code: int | None = errno.ENOSPC):
+        super().__init__(message)
+        self.errno = code
+
+
+# what torch.save's C++ writer raises when a write fails (it drops the OSError's errno)
+_TORCH_WRITE_FAILED = ("iostream error", "file write failed", "PytorchStreamWriter failed writing")
+_NEARLY_FULL = 16 << 20  # bytes free below which a failed torch write is taken for a full disk
+
+
+def _write_failure(path: Path, tmp: Path, e: BaseException, what: str, hint: str) -> WriteError | None:
+    """The one clear error for a write of ``path`` (through ``tmp``) that failed with ``e``; None if ``e`` is not
+    a failed write (no space left; torch's write errors)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        reason, code = "no space left on device", errno.ENOSPC
+    elif isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILED):
+        full = shutil.disk_usage(tmp.parent).free < _NEARLY_FULL
+        text = str(e).strip().splitlines()[0]
+        reason, code = ("no space left on device", errno.ENOSPC) if full else (f"write failed ({text})", None)
+    else:
+        return None
+    previous = f"the previous {what} {path} is intact" if path.exists() else f"no {what} was written to {path}"
+    return WriteError(f"{reason} while writing {path}; {previous}; {hint}", code)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike, what: str = "file", hint: str = "free space and rerun") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A write that fails for lack of space raises :class:`WriteError` naming ``path``, whether the previous
+    ``what`` there is intact, and ``hint``; the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -37,13 +70,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as e:
+        failure = None if isinstance(e, WriteError) else _write_failure(path, tmp_path, e, what, hint)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    with atomic_path(path) as tmp:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], **kw: str) -> None:
+    """``write(tmp)`` then rename onto ``path``; ``kw``: ``what`` and ``hint`` of :func:`atomic_path`."""
+    with atomic_path(path, **kw) as tmp:
         write(tmp)
 
 
@@ -55,8 +94,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda p: torch.save(obj, p))
+def atomic_torch_save(obj: Any, path: str | os.PathLike, **kw: str) -> None:
+    atomic_write(path, lambda p: torch.save(obj, p), **kw)
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

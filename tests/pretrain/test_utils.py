@@ -1,16 +1,20 @@
 """The shared helpers: typed config loading, atomic writes, safe checkpoint loading."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List
 
 import pytest
 import torch
 
 from pretrain.utils.config import ConfigError, config_hash, load_config
-from pretrain.utils.io import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
+from pretrain.checkpoint import save_checkpoint
+from pretrain.utils.io import CheckpointError, WriteError, atomic_torch_save, atomic_write_text, safe_torch_load
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,43 @@ def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]  # no temp file left behind
     atomic_write_text(tmp_path / "sub" / "a.txt", "hi")
     assert (tmp_path / "sub" / "a.txt").read_text() == "hi"
+
+
+def _disk_fills_up(monkeypatch, error: BaseException) -> None:
+    """torch.save writes half the file, then the disk is full."""
+    def save(obj, f):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise error
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw = dict(model=model, optimizer=opt, epoch=1, arch="resnet18", config={}, global_step=4, sampler={})
+    last = tmp_path / "checkpoint_last.pth"
+    save_checkpoint(last, **kw)
+    before = last.read_bytes()
+    _disk_fills_up(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(WriteError) as e:
+        save_checkpoint(last, **kw)
+    assert str(e.value) == (f"no space left on device while writing {last}; the previous checkpoint {last} is intact; "
+                            f"free space and rerun with --resume auto")
+    assert e.value.errno == errno.ENOSPC
+    assert last.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["checkpoint_last.pth"]  # no temp file
+    # torch's own writer drops the errno: a full disk is told by the free space left
+    _disk_fills_up(monkeypatch, RuntimeError("[enforce fail at inline_container.cc:595] . basic_ios::clear: iostream error"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100 << 30, 100 << 30, 0))
+    new = tmp_path / "checkpoint_0002.pth"
+    with pytest.raises(WriteError, match=rf"^no space left on device while writing {new}; no checkpoint was written "
+                                         rf"to {new}; free space and rerun with --resume auto$"):
+        save_checkpoint(new, **kw)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_last.pth"]
+    with pytest.raises(RuntimeError, match="^unrelated$"):  # other errors pass through unchanged
+        _disk_fills_up(monkeypatch, RuntimeError("unrelated"))
+        save_checkpoint(last, **kw)
+    assert last.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["checkpoint_last.pth"]
 
 
 def test_safe_load_rejects_code_truncation_and_missing(tmp_path):

@@ -123,11 +123,19 @@ def make_input(kind: str, d: Path, moco_ckpt: Path) -> tuple[Path, list[str], st
         return d / "evil.pth", [], r"refusing to load: the file names \['posix.system'\]"
     if kind == "suffix_mismatch":
         return moco_ckpt, ["--format", "torchvision"], "use a .pkl name for detectron2"
+    if kind == "non_finite":  # a diverged pretraining
+        ckpt = torch.load(moco_ckpt, weights_only=True)
+        ckpt["state_dict"]["module.encoder_q.conv1.weight"][0, 0, 0, 0] = float("nan")
+        ckpt["state_dict"]["module.encoder_q.layer1.0.bn1.running_var"][3] = float("inf")
+        torch.save(ckpt, d / "diverged.pth")
+        return d / "diverged.pth", [], (r"error: backbone has non-finite values \(nan/inf\) in 2 of 100 tensors, e\.g\. "
+                                        r"conv1\.weight, layer1\.0\.bn1\.running_var: the pretraining diverged; "
+                                        r"use an earlier checkpoint\n$")
     raise KeyError(kind)
 
 
 FAILURES = ["empty_model", "foreign_prefix", "resnet18_as_resnet50", "truncated_pth", "truncated_pkl", "code_pickle",
-            "code_torch", "suffix_mismatch"]
+            "code_torch", "suffix_mismatch", "non_finite"]
 
 
 @pytest.mark.parametrize("kind", FAILURES)

@@ -109,6 +109,23 @@ def test_knn_and_fast_probe_share_one_extraction(data_root, tmp_path, monkeypatc
     assert len(calls) == 7  # only the new augmented view of train is extracted
 
 
+def test_non_finite_features_fail_the_probes(data_root, tmp_path, monkeypatch):
+    real = feature_cache.extract_shard
+
+    def two_nan_rows(*a):
+        feats, labels = real(*a)
+        feats[[0, 5], 3] = float("nan")
+        return feats, labels
+
+    monkeypatch.setattr(feature_cache, "extract_shard", two_nan_rows)
+    for name in ("imagenet_knn", "imagenet_linear_fast"):
+        probe = ENGINES["torchvision"].implementation(get_task(name).recipe)
+        with pytest.raises(FloatingPointError, match=r"^train features: 2 of 24 rows hold nan/inf values: the "
+                                                     r"backbone's outputs are not finite \(diverged weights or "
+                                                     r"overflow the cache's features.dtype=float16 \(try float32\)\)$"):
+            probe(_cfg(name, "features.dtype=float16"), _weights(), _ctx(name, data_root, tmp_path))
+
+
 def test_linear_engine_runs_resumes_and_keeps_backbone(data_root, tmp_path):
     run = ENGINES["torchvision"].implementation(get_task("imagenet_linear").recipe)
     ctx = _ctx("imagenet_linear", data_root, tmp_path)

@@ -54,6 +54,19 @@ def test_overrides_are_routed_per_task():
         route_overrides(["imagenet_knn"], ["knn.k"])
 
 
+def test_a_wrong_type_override_stops_the_suite_before_any_trial(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"^voc07_det\.solver\.iterations=abc: expected int$"):
+        route_overrides(["voc07_det", "imagenet_knn"], ["seed=1", "voc07_det.solver.iterations=abc"])
+    with pytest.raises(ConfigError, match=r"^knn\.ks=\[1,x\]: expected list of int$"):
+        route_overrides(["imagenet_knn"], ["knn.ks=[1,x]"])
+    with pytest.raises(ConfigError, match=r"^data\.workers=two: expected int$"):  # as written, before the rename
+        route_overrides(["voc07_det"], ["data.workers=two"])
+    assert main(["--weights", "random", "--tasks", "imagenet_knn", "--preset", "smoke", "seed=abc",
+                 "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith("seed=abc: expected int")
+    assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("trial0"))
+
+
 def test_cli_refusals_are_one_clear_line(tmp_path, capsys):
     out = ["--output", str(tmp_path)]
     assert main(["--weights", "random", "--tasks", "voc07_det,no_such_task", *out]) == 2

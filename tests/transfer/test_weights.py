@@ -95,3 +95,12 @@ def test_stale_manifest_and_missing_file_fail(files, tmp_path):
         load_backbone_weights(str(tmp_path / "w.pth"))
     with pytest.raises(CheckpointError, match="weights not found"):
         load_backbone_weights(str(tmp_path / "nope.pth"))
+
+
+def test_non_finite_weights_are_refused(files, tmp_path):
+    d, ref_q, _ = files
+    bad = {**ref_q, "layer4.1.bn2.bias": torch.full((512,), float("nan"))}
+    torch.save(bad, tmp_path / "diverged.pth")
+    with pytest.raises(ConversionError, match=r"^backbone has non-finite values \(nan/inf\) in 1 of 100 tensors, "
+                                              r"e\.g\. layer4\.1\.bn2\.bias: the pretraining diverged"):
+        load_backbone_weights(str(tmp_path / "diverged.pth"))

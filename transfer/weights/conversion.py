@@ -19,8 +19,8 @@ from transfer.weights.names import BN_PARAMS, ConversionError, c2_to_tv_name, d2
 
 __all__ = ["ARCHS", "CAFFE2_LAYOUTS", "LAYOUTS", "ConversionError", "c2_to_tv_name", "d2_to_tv_name",
            "detect_layout", "detectron2_overlay", "expected_shapes", "extract_backbone", "fill_folded_bn_stats",
-           "infer_arch", "input_settings", "state_mismatch", "to_detectron2", "to_torchvision", "tv_to_d2_name",
-           "verify_backbone"]
+           "infer_arch", "input_settings", "non_finite", "state_mismatch", "to_detectron2", "to_torchvision",
+           "tv_to_d2_name", "verify_backbone"]
 
 # torchvision / MoCo convention: RGB, ImageNet mean and std on the 0-255 scale, stride in the 3x3 conv.
 TORCHVISION_PIXEL_MEAN = [123.675, 116.280, 103.530]
@@ -151,12 +151,27 @@ def _nonstandard_input_or_width(backbone_sd: Mapping[str, Any]) -> Optional[str]
     return None
 
 
+def non_finite(backbone_sd: Mapping[str, Any]) -> list:
+    """The names of the floating-point tensors (torch or numpy) holding a nan or an inf, in order."""
+    out = []
+    for k, v in backbone_sd.items():
+        t = torch.as_tensor(v)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            out.append(k)
+    return out
+
+
 def verify_backbone(backbone_sd: Mapping[str, Any], arch: str) -> None:
-    """Raise ConversionError unless ``backbone_sd`` holds exactly the tensors of ``arch`` with their shapes."""
+    """Raise ConversionError unless ``backbone_sd`` holds exactly the tensors of ``arch`` with their shapes,
+    every value finite (a diverged pretraining's nan weights would otherwise transfer as chance accuracy)."""
     problem = state_mismatch(expected_shapes(arch), backbone_sd)
     if problem:
         why = _nonstandard_input_or_width(backbone_sd)
         raise ConversionError(f"backbone does not match {arch}: " + (f"{why} ({problem})" if why else problem))
+    bad = non_finite(backbone_sd)
+    if bad:
+        raise ConversionError(f"backbone has non-finite values (nan/inf) in {len(bad)} of {len(backbone_sd)} tensors, "
+                              f"e.g. {', '.join(bad[:3])}: the pretraining diverged; use an earlier checkpoint")
 
 
 def to_detectron2(backbone_sd: Mapping[str, torch.Tensor]) -> Dict[str, np.ndarray]:

@@ -99,11 +99,27 @@ class SeededViews(Dataset):
             return self.transform(img), label
 
 
+def check_finite_features(desc: str, feats: torch.Tensor | list, dtype: str, chunk_size: int = 65536) -> None:
+    """Raise FloatingPointError naming how many rows of ``feats`` ((N, D), or a list of memory-mapped shards)
+    hold a nan or an inf: a probe on them would score chance, not fail. One more read of the features, in
+    chunks: cheap next to their extraction."""
+    bad = total = 0
+    for part in feats if isinstance(feats, list) else [feats]:
+        for i in range(0, part.shape[0], chunk_size):
+            bad += int((~torch.isfinite(part[i:i + chunk_size])).any(dim=1).sum())
+        total += part.shape[0]
+    if bad:
+        overflow = " or overflow the cache's features.dtype=float16 (try float32)" if dtype == "float16" else ""
+        raise FloatingPointError(f"{desc} features: {bad} of {total} rows hold nan/inf values: the backbone's "
+                                 f"outputs are not finite (diverged weights{overflow})")
+
+
 def cached_features(cfg, weights: BackboneWeights, ctx: TrialContext, views: int = 0, stream: bool = False):
     """Center-crop train/val features and ``views`` augmented train views, through the feature cache.
 
     Returns ``(train_views [(N, D)] * (1 + views), train_labels (N,), val (M, D), val_labels (M,),
     num_classes, extraction seconds)``; ``stream``: the center train features as memory-mapped shards.
+    Non-finite features fail the trial (:func:`check_finite_features`).
     """
     t0 = time.time()
     etf = eval_tf(cfg.data, weights)
@@ -132,6 +148,9 @@ def cached_features(cfg, weights: BackboneWeights, ctx: TrialContext, views: int
         feats, _, _ = get_or_extract(model, ds, ctx.cache_dir, {**base, "dataset": train_fp, "preprocessing": pre},
                                      desc=f"train view {v}", **kw)
         all_views.append(feats)
+    for desc, feats in [("train", train_feats), ("val", val_feats)] + [(f"train view {v}", all_views[v])
+                                                                     for v in range(1, views + 1)]:
+        check_finite_features(desc, feats, f.dtype)
     return all_views, train_labels, val_feats, val_labels, len(train_ds.classes), time.time() - t0
 
 
