@@ -38,7 +38,6 @@ import os
 import re
 import time
 import traceback
-import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,7 +47,7 @@ import torch
 
 from pretrain.data.folder import count_unreadable
 from pretrain.utils import dist
-from pretrain.utils.config import (ConfigError, check_overrides, config_to_yaml, leaf_keys, load_config,
+from pretrain.utils.config import (ConfigError, check_overrides, config_to_yaml, field_type, leaf_keys, load_config,
                                    protocol_hash)
 from pretrain.utils.vocabulary import translate_dotlist
 from pretrain.utils.env import collect_env
@@ -122,16 +121,7 @@ def config_path(spec: TaskSpec, preset: str) -> Path:
 
 def _schema_has(schema: type, dotted: str) -> bool:
     """Whether the config dataclass ``schema`` has the (nested) field ``a.b.c``."""
-    node: Any = schema
-    for part in dotted.split("."):
-        if not dataclasses.is_dataclass(node):
-            return False
-        # the resolved annotation: with postponed evaluation ``Field.type`` is only a string
-        hints = typing.get_type_hints(node)
-        if part not in hints:
-            return False
-        node = hints[part]
-    return True
+    return field_type(schema, dotted) is not None
 
 
 def route_overrides(tasks: Sequence[str], overrides: Sequence[str]) -> Dict[str, List[str]]:
