@@ -202,8 +202,10 @@ def test_every_layout_converts_by_the_cli_and_by_weights(name, tmp_path):
     converted = torch.load(out, weights_only=True)
     ref = backbone(sources[default])
     assert set(converted) == set(ref) and all(torch.equal(converted[k], ref[k]) for k in ref)
-    # --weights, every encoder the file holds, by name
+    # --weights: the file's other encoders, by name (the default one went through the same code above)
     for encoder, src in sources.items():
+        if encoder == default and len(sources) > 1:
+            continue
         w = load_backbone_weights(f"{path}:encoder={encoder}")
         ref = backbone(src)
         assert w.layout == layout and set(w.state_dict) == set(ref), encoder
