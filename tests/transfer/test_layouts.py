@@ -229,6 +229,8 @@ def test_wrong_depth_width_stem_and_encoder_are_refused_with_the_reason(tmp_path
     wide = {**A_NOFC, "conv1.weight": torch.zeros(128, 3, 7, 7), "bn1.weight": torch.zeros(128)}
     with pytest.raises(ConversionError, match="wide ResNet .*stem 128 channels"):
         load_backbone_weights(str(write(wide, tmp_path / "wide.pth")))
+    with pytest.raises(ConversionError, match="stem is a 3x3 convolution, not ImageNet's 7x7: a CIFAR-style"):
+        load_backbone_weights(str(write({**A_NOFC, "conv1.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "cifar.pth")))
     deep = {k: v for k, v in A.items() if not k.startswith(("conv1.", "bn1."))}
     deep.update({"conv1.0.weight": torch.zeros(32, 3, 3, 3), "conv1.1.weight": torch.zeros(32),
                  "conv1.3.weight": torch.zeros(32, 32, 3, 3), "conv1.6.weight": torch.zeros(64, 32, 3, 3)})

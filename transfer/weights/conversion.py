@@ -143,6 +143,9 @@ def _nonstandard_input_or_width(backbone_sd: Mapping[str, Any]) -> Optional[str]
     if stem.shape[1] != 3:
         return (f"its stem takes {stem.shape[1]} input channels, not 3 (an RGB image): e.g. CMC's per-view "
                 "encoders (L or ab channels) cannot be transferred alone")
+    if stem.shape[-1] != 7:
+        return (f"its stem is a {stem.shape[-2]}x{stem.shape[-1]} convolution, not ImageNet's 7x7: a CIFAR-style "
+                "ResNet (e.g. solo-learn's cifar=True), which the suite's ImageNet-resolution tasks do not build")
     width = stage.shape[0] / 64 if stage is not None and stage.dim() == 4 else stem.shape[0] / 64
     if stem.shape[0] != 64 or width != 1:
         return (f"it is a wide ResNet (stem {stem.shape[0]} channels, first stage x{width:g} the standard width: "
