@@ -51,10 +51,12 @@ def make_batch(batch: int, size: int, device: torch.device, seed: int = 0):
     return images, targets
 
 
-def build(name: str, arch: str, size: int, light: bool) -> torch.nn.Module:
+def build(name: str, arch: str, size: int, light: bool, proposals: int = 200, rois: int = 64) -> torch.nn.Module:
+    """The task's full-config model at a fixed input size; ``light``: ``proposals`` post-NMS proposals and
+    ``rois`` RoIs per image."""
     spec = get_task(MODELS[name])
     size_keys = [f"input.min_size_train=[{size}]", f"input.max_size_train={2 * size}", "input.hflip_prob=0.0"]
-    light_keys = ["model.rpn_post_nms_topk_train=200", "model.roi_batch_size_per_image=64"] if light else []
+    light_keys = [f"model.rpn_post_nms_topk_train={proposals}", f"model.roi_batch_size_per_image={rois}"] if light else []
     cfg = load_config(spec.schema, config_path(spec, "full"), size_keys + light_keys)
     weights = BackboneWeights("random", arch, None)
     if name == "voc_c4":
