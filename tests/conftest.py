@@ -11,8 +11,13 @@ from transfer.plugins import load_plugins
 load_plugins()  # every built-in task and engine, before any test module reads the registry
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # the README's command runs one worker per core (pytest-xdist): one intra-op thread each, no oversubscription
+    # the README's command runs one worker per core (pytest-xdist): one intra-op thread each, no oversubscription;
+    # the processes tests start (torchrun, spawn, SLURM's local executor) inherit one thread too
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Two-rank tests start their ranks with fork, not spawn: a spawned rank re-imports torch and the test module (about
+# 3 s of CPU each), a forked one starts at once. The launchers the suite ships (torchrun, SLURM) are tested with
+# real fresh processes (tests/pretrain/test_pretrain_run.py, tests/transfer/test_slurm.py).
 
 
 @pytest.fixture

@@ -172,8 +172,8 @@ def _two_rank_worker(rank: int, world: int, init_file: str, tmp: str, pattern: s
 def test_two_ranks_resume_their_own_streams(tmp_path, shards):
     import torch.multiprocessing as mp
 
-    mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "store"), str(tmp_path), shard_pattern(shards[:3])),
-             nprocs=2)
+    mp.start_processes(_two_rank_worker, args=(2, str(tmp_path / "store"), str(tmp_path), shard_pattern(shards[:3])),
+             nprocs=2, start_method="fork")
     at2 = torch.load(tmp_path / "at2.pt", weights_only=True)
     assert at2["streams"]["positions"].tolist() == [[[0, 1, 2]], [[1, 0, 2]]]  # 8 samples each: 6 + 2
     full, resumed = (safe_torch_load(tmp_path / d / ckpt_io.LAST) for d in ("full", "killed"))

@@ -59,7 +59,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def test_shuffle_bn_two_processes(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    mp.start_processes(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)),
+                       nprocs=world, join=True, start_method="fork")
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     assert all(r["eval_equal"] for r in res), "eval-mode keys differ from the unshuffled computation"
     assert all(r["unshuffled"] for r in res), "keys did not come back in their original order"

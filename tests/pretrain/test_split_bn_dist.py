@@ -69,7 +69,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def test_split_bn_keys_two_processes(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    mp.start_processes(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)),
+                       nprocs=world, join=True, start_method="fork")
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     for r in res:
         assert r["key_err"] < 1e-10, "split-BN keys differ from the per-group reference"

@@ -116,7 +116,8 @@ def test_two_gloo_processes_write_their_images_and_rank_0_evaluates(root, tmp_pa
     import torch
     import torch.multiprocessing as mp
 
-    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "store"), str(root), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_gloo_worker, args=(2, str(tmp_path / "store"), str(root), str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r1 == {} and r0 == pytest.approx({"APmk": 100.0, "APmk50": 100.0})
 

@@ -262,6 +262,7 @@ def test_two_gloo_processes_evaluate_on_rank_0(tmp_path):
     gt = make_gt([{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
                   {"image_id": 1, "category_id": 1, "bbox": [50, 50, 20, 20]}])
     (tmp_path / "gt.json").write_text(json.dumps(gt.dataset))
-    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_gloo_worker, args=(2, str(tmp_path / "store"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r1 == {} and r0["APbb"] == pytest.approx(100.0)  # each rank found one object; together both

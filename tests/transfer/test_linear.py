@@ -186,7 +186,8 @@ def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_two_gloo_processes(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_gloo_worker, args=(2, str(tmp_path / "store"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["calls"] == [0, 10, 20] and r1["calls"] == [5, 15]  # each shard extracted by one rank
     torch.manual_seed(0)

@@ -79,10 +79,10 @@ def test_a_rank_raising_in_training_or_evaluation_fails_the_trial_on_every_rank(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")
     queue = ctx.Queue()
     procs = mp.start_processes(_worker, args=(2, port, str(tmp_path), queue), nprocs=2, join=False,
-                               start_method="spawn")
+                               start_method="fork")
     results = dict((r, (rec, wall)) for r, rec, wall in (queue.get(timeout=110) for _ in range(2)))
     procs.join()
     for rank in (0, 1):

@@ -121,7 +121,7 @@ def test_naive_sync_bn_matches_bn_on_the_whole_batch(tmp_path):
 
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 5) * 3 + 1
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_sync_bn_worker, args=(r, 2, str(tmp_path / "pg"), x, queue)) for r in range(2)]
     for p in procs:

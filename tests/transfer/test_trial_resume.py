@@ -279,7 +279,8 @@ def test_two_processes_resume_each_with_its_own_rng_state(tmp_path):
 
     for d in ("ref", "killed"):
         (tmp_path / d).mkdir()
-    mp.spawn(_fit_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_fit_worker, args=(2, str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
     stopped = torch.load(tmp_path / "killed" / "stopped0.pt", weights_only=True)
     assert stopped["iteration"] == 4 and len(stopped["rng"]) == 2
     assert not torch.equal(stopped["rng"][0]["torch"], stopped["rng"][1]["torch"])
