@@ -262,29 +262,43 @@ def test_full_checkpoints_read_their_plain_types_and_refuse_any_other_global(tmp
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_run_all_transfers_a_chosen_encoder_of_a_lightning_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def suite_data(tmp_path_factory) -> Path:
+    """The synthetic VOCdevkit and ImageNet folders the two smoke tasks read."""
     from pretrain.data.synthetic import make_imagenet_folders
     from transfer.data.synthetic.voc import make_vocdevkit
+
+    data = tmp_path_factory.mktemp("suite_data")
+    make_vocdevkit(data / "VOCdevkit", seed=0, trainval_2007=4, test_2007=3, trainval_2012=0, image_size=(96, 72))
+    make_imagenet_folders(data / "imagenet", num_classes=2, train_per_class=4, val_per_class=2, image_size=32)
+    return data
+
+
+@pytest.mark.parametrize("name", LAYOUT_FIXTURES)
+def test_run_all_transfers_every_layout(name, suite_data, tmp_path):
+    """Every layout through ``run_all.py`` on the voc07_det and imagenet_knn smoke presets (shrunk by
+    tests/tiny.py); a file with several encoders transfers a non-default one, named on ``--weights``."""
     from transfer.run_all import main
     import tiny  # tests/tiny.py
 
-    obj, sources, _, _ = build("solo_learn")
-    path = write(obj, tmp_path / "byol.ckpt")
-    data, out = tmp_path / "data", tmp_path / "results"
-    make_vocdevkit(data / "VOCdevkit", seed=0, trainval_2007=4, test_2007=3, trainval_2012=0, image_size=(96, 72))
-    make_imagenet_folders(data / "imagenet", num_classes=2, train_per_class=4, val_per_class=2, image_size=32)
+    obj, sources, default, layout = build(name)
+    path = write(obj, tmp_path / f"{name}{SUFFIX.get(name, '.pth')}")
+    encoder = next((e for e in sources if e != default), default)
+    spec = f"{path}:encoder={encoder}" if encoder != default else str(path)
+    out = tmp_path / "results"
     tasks = ("voc07_det", "imagenet_knn")
-    assert main(["--weights", f"{path}:encoder=momentum", "--tasks", ",".join(tasks), "--preset", "smoke",
-                 "--data-root", str(data), "--output", str(out), "--engine", "torchvision", "--no-report",
-                 *tiny.overrides(*tasks)]) == 0
-    [name] = [d.name for d in out.iterdir() if (d / "voc07_det").is_dir()]
-    assert name.endswith("-momentum")  # not the folder of the file's default (online) encoder
+    assert main(["--weights", spec, "--tasks", ",".join(tasks), "--preset", "smoke", "--data-root", str(suite_data),
+                 "--output", str(out), "--engine", "torchvision", "--no-report", *tiny.overrides(*tasks)]) == 0
+    [folder] = [d for d in out.iterdir() if (d / "voc07_det").is_dir()]
+    # another encoder than the default is other weights: never the default's results folder
+    assert folder.name.endswith(f"-{encoder}") == (encoder != default)
     for task in tasks:
-        rec = json.loads((out / name / task / "torchvision" / "trial0" / "metrics.json").read_text())
+        rec = json.loads((folder / task / "torchvision" / "trial0" / "metrics.json").read_text())
         assert rec["status"] == "ok", rec.get("error")
         info = rec["weights_info"]
-        assert (info["layout"], info["encoder"], info["encoder_reason"]) == \
-            ("solo_learn", "momentum", "asked for (encoder=momentum)")
+        assert (info["layout"], info["encoder"]) == (layout, encoder)
+        want = f"asked for (encoder={encoder})" if encoder != default else "the layout's default"
+        assert info["encoder_reason"].startswith(want), info["encoder_reason"]
 
 
 def test_the_readme_lists_every_layout():
