@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from omegaconf import OmegaConf
 
 from transfer.weights.conversion import ConversionError
 from transfer.weights.files import load_checkpoint_file
@@ -143,7 +144,9 @@ def build(name: str):
         sd = {**under("backbone.", A_NOFC), **mlp("projector."), **mlp("predictor.", (16, 32, 16)),
               **under("momentum_backbone.", B_NOFC), **mlp("momentum_projector."),
               "classifier.weight": torch.randn(10, 512), "classifier.bias": torch.randn(10)}
-        return lightning_ckpt(sd, {"cfg": {"method": "byol", "backbone": {"name": "resnet18"}}}), \
+        cfg = OmegaConf.create({"method": "byol", "backbone": {"name": "resnet18", "kwargs": {}}, "optimizer":
+                                {"lr": 1.0, "kwargs": {"eta": 0.02}}, "max_epochs": 400, "devices": [0, 1]})
+        return lightning_ckpt(sd, {"cfg": cfg}), \
             {"online": A, "momentum": B}, "online", "solo_learn"
     if name == "lightly_mocov2":  # lightly benchmarks mocov2.py: backbone (evaluated) + query_backbone
         sd = {**under("backbone.", A_NOFC), **mlp("projection_head.layers.", bn=False),
@@ -260,6 +263,18 @@ def test_full_checkpoints_read_their_plain_types_and_refuse_any_other_global(tmp
     with pytest.raises(ValueError, match=r"refusing to load: the file names \['posix.system'\]"):
         load_backbone_weights(str(tmp_path / "evil.pth"))
     assert not (tmp_path / "PWNED").exists()
+
+    class Evaluates:  # the builtins OmegaConf's metadata needs are allowed; no other builtin is
+        def __reduce__(self):
+            return eval, ("print('ran')",)
+
+    obj["args"] = Evaluates()
+    torch.save(obj, tmp_path / "evil2.pth")
+    with pytest.raises(ValueError, match=r"refusing to load: the file names \['builtins.eval'\]"):
+        load_backbone_weights(str(tmp_path / "evil2.pth"))
+    # solo-learn keeps an OmegaConf config in its hyper-parameters: read as plain objects, never as OmegaConf
+    ckpt = load_checkpoint_file(write(build("solo_learn")[0], tmp_path / "solo.ckpt"))
+    assert type(ckpt["hyper_parameters"]["cfg"]).__name__ == "PlainObject"
 
 
 @pytest.fixture(scope="module")

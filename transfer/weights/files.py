@@ -14,7 +14,8 @@ import datetime
 import json
 import os
 import pickle
-from collections import OrderedDict
+import typing
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -87,6 +88,22 @@ class PlainNamespace:
         return f"PlainNamespace({vars(self)})"
 
 
+class PlainObject:
+    """What an allowed config object (an OmegaConf ``DictConfig`` and its nodes) in a checkpoint becomes: a plain
+    object holding the attributes the unpickler sets; the class it stood for never runs."""
+
+    def __repr__(self) -> str:
+        return f"PlainObject({sorted(vars(self))})"
+
+
+# OmegaConf containers and nodes (solo-learn and Hydra-based codebases keep their config in the hyper-parameters)
+_OMEGACONF_CLASSES = tuple(f"omegaconf.{m}" for m in (
+    "dictconfig.DictConfig", "listconfig.ListConfig", "base.Metadata", "base.ContainerMetadata", "nodes.AnyNode",
+    "nodes.StringNode", "nodes.IntegerNode", "nodes.FloatNode", "nodes.BooleanNode", "nodes.BytesNode",
+    "nodes.PathNode"))
+# the type references OmegaConf's metadata holds (``object_type=dict``, ``element_type=int``, ``ref_type=Any``)
+_TYPE_REFERENCES = {"typing.Any": typing.Any, "collections.defaultdict": defaultdict,
+                    **{f"builtins.{t.__name__}": t for t in (dict, list, tuple, int, float, str, bool)}}
 # Lightning's hyper-parameter dicts (a dict subclass with attribute access), under every module path it had
 _LIGHTNING_ATTRIBUTE_DICTS = ("pytorch_lightning.utilities.parsing.AttributeDict",
                               "lightning.pytorch.utilities.parsing.AttributeDict",
@@ -96,14 +113,16 @@ _LIGHTNING_ATTRIBUTE_DICTS = ("pytorch_lightning.utilities.parsing.AttributeDict
 
 def _full_checkpoint_globals() -> Dict[str, Any]:
     """The globals full training checkpoints name beside their tensors, each mapped to what rebuilds it as plain
-    data: DINO's and PyContrast's ``args``/``opt`` (``argparse.Namespace``), Lightning's ``hyper_parameters``,
-    numpy scalars and arrays (numpy's own rebuilders: data only). Everything else stays refused."""
+    data: DINO's and PyContrast's ``args``/``opt`` (``argparse.Namespace``), Lightning's ``hyper_parameters``
+    (its AttributeDict; OmegaConf configs in them, as solo-learn saves), numpy scalars and arrays (numpy's own
+    rebuilders: data only), and the builtin types OmegaConf's metadata names. Everything else stays refused."""
     import numpy as np
     from numpy import dtypes
 
     core = np._core if hasattr(np, "_core") else np.core  # numpy >= 2 renamed numpy.core
     out: Dict[str, Any] = {"argparse.Namespace": PlainNamespace, "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype,
-                           **{name: OrderedDict for name in _LIGHTNING_ATTRIBUTE_DICTS}}
+                           **{name: OrderedDict for name in _LIGHTNING_ATTRIBUTE_DICTS},
+                           **{name: PlainObject for name in _OMEGACONF_CLASSES}, **_TYPE_REFERENCES}
     for spelling in ("numpy.core", "numpy._core"):  # files written under numpy 1 and numpy 2
         out[f"{spelling}.multiarray.scalar"] = core.multiarray.scalar
         out[f"{spelling}.multiarray._reconstruct"] = core.multiarray._reconstruct
@@ -123,7 +142,8 @@ def _load_full_checkpoint(path: Path, first_error: CheckpointError) -> Any:
     if refused:
         raise CheckpointError(f"{path}: refusing to load: the file names {refused}, which are not plain data. Full "
                               "checkpoints are read with only tensors, containers, argparse.Namespace, Lightning "
-                              "hyper-parameter dicts and numpy values allowed; save the model's state_dict instead")
+                              "hyper-parameter dicts, OmegaConf configs and numpy values allowed; save the model's "
+                              "state_dict instead")
     try:
         with torch.serialization.safe_globals([(obj, name) for name, obj in allowed.items()]):
             return torch.load(path, map_location="cpu", weights_only=True)
