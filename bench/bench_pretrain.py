@@ -155,6 +155,25 @@ def bench_model(a, device: torch.device) -> None:
               "peak); FLOPs of matmuls and convolutions, 2 per multiply-add")
 
 
+def loader_img_per_s(root: Path, workers: int, batch: int, image_size: int, max_images: int) -> float:
+    """Images per second of the pretraining loader (aug v2, two views) on class folders, after its first batch
+    (worker start-up is not throughput)."""
+    cfg = load_pretrain_config(CONFIG, [f"data.root={root}", f"data.num_workers={workers}", f"solver.batch_size={batch}",
+                                        f"data.image_size={image_size}"])
+    loader, sampler, _ = build_pretrain_loader(cfg, batch)
+    sampler.set_epoch(0)
+    it = iter(loader)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    for views in it:
+        n += views[0].shape[0]
+        if n >= max_images:
+            break
+    ips = n / (time.perf_counter() - t0)
+    del it, loader  # stop the (persistent) workers before the next setting / the temp dir goes
+    return ips
+
+
 def bench_data(a) -> None:
     root = Path(a.data) if a.data else None
     tmp = None
@@ -164,19 +183,7 @@ def bench_data(a) -> None:
                                      image_size=max(64, a.image_size))
     print(f"data pipeline (class folders {root}, aug v2, {a.image_size}px, two views per image):")
     for w in [int(x) for x in a.workers.split(",")]:
-        cfg = load_pretrain_config(CONFIG, [
-            f"data.root={root}", f"data.num_workers={w}", f"solver.batch_size={a.batch}", f"data.image_size={a.image_size}"])
-        loader, sampler, _ = build_pretrain_loader(cfg, a.batch)
-        sampler.set_epoch(0)
-        it = iter(loader)
-        next(it)  # worker start-up is not throughput
-        n, t0 = 0, time.perf_counter()
-        for batch in it:
-            n += batch[0].shape[0]
-            if n >= a.data_images:
-                break
-        ips = n / (time.perf_counter() - t0)
-        del it, loader  # stop the (persistent) workers before the next setting / the temp dir goes
+        ips = loader_img_per_s(root, w, a.batch, a.image_size, a.data_images)
         print(f"  workers={w}: {ips:8.1f} img/s total, {ips / max(w, 1):8.1f} img/s per worker")
     if tmp is not None:
         tmp.cleanup()

@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
-from bench_pretrain import Variant  # noqa: E402
+from bench_pretrain import Variant, loader_img_per_s  # noqa: E402
 from bench_detection import MODELS, build as build_detector, make_batch  # noqa: E402
 from bench_semseg import fcn_step  # noqa: E402
 
@@ -138,8 +138,6 @@ def ddp(a, device: torch.device) -> List[dict]:
 
 
 def data(a, device: torch.device) -> List[dict]:
-    from pretrain.config import load_pretrain_config
-    from pretrain.data.loader import build_pretrain_loader
     from pretrain.data.synthetic import make_imagenet_folders
 
     rows = []
@@ -148,18 +146,7 @@ def data(a, device: torch.device) -> List[dict]:
         root = make_imagenet_folders(Path(tmp) / "imagenet", num_classes=4, train_per_class=a.data_images,
                                      val_per_class=1, image_size=size + size // 7)
         for workers in a.workers:
-            cfg = load_pretrain_config(REPO / "configs/pretrain/moco_v2.yaml", [
-                f"data.root={root}", f"data.num_workers={workers}", f"solver.batch_size={a.data_batch}",
-                f"data.image_size={a.image_size}"])
-            loader, sampler, _ = build_pretrain_loader(cfg, a.data_batch)
-            sampler.set_epoch(0)
-            it = iter(loader)
-            next(it)  # worker start-up is not throughput
-            n, t0 = 0, time.perf_counter()
-            for batch in it:
-                n += batch[0].shape[0]
-            ips = n / (time.perf_counter() - t0)
-            del it, loader
+            ips = loader_img_per_s(root, workers, a.data_batch, a.image_size, 4 * a.data_images)
             rows.append({"pipeline": "PIL in workers (aug v2)", "workers": workers, "img_per_s": round(ips, 1),
                          "img_per_s_per_worker": round(ips / max(workers, 1), 1)})
     rows.append({"pipeline": "GPU-side decode and augmentation", "status": "skipped: not built yet (issue 26, 2)"})
