@@ -123,12 +123,15 @@ def ddp(a, device: torch.device) -> List[dict]:
                 f"model.queue_size={a.ddp_batch * 4}", "data.num_workers=2", "run.tensorboard=false",
                 "knn.period_epochs=0", f"run.device={'cuda' if device.type == 'cuda' else 'cpu'}"]
         rows = []
-        for label, extra in (("first epoch", ["solver.epochs=1"]), ("resume to epoch 2", ["solver.epochs=2", "run.resume=auto"])):
+        runs = (("first epoch", ["solver.epochs=1"]), ("resume to epoch 2", ["solver.epochs=2", "run.resume=auto"]))
+        for label, extra in runs:
             t0 = time.perf_counter()
             proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
-                errors = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if re.search(r"\w+(Error|Exception): ", ln)]
-                raise RuntimeError(f"torchrun ({label}) exited {proc.returncode}: {errors[-1] if errors else proc.stderr[-500:]}")
+                errors = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines()
+                          if re.search(r"\w+(Error|Exception): ", ln)]
+                raise RuntimeError(f"torchrun ({label}) exited {proc.returncode}: "
+                                   f"{errors[-1] if errors else proc.stderr[-500:]}")
             ckpt = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=True)
             rows.append({"run": label, "seconds": round(time.perf_counter() - t0, 2), "epoch": ckpt["epoch"],
                          "global_step": ckpt["global_step"]})

@@ -77,7 +77,6 @@ class EpochLoop:
         self.base_lr = effective_lr(cfg)
         self.position: tuple[int, int, int] | None = None  # (epoch, iterations done in it, global step): the last step
 
-
     def lr(self, epoch: int, step: int) -> float:
         o = self.cfg.solver
         return lr_at(o.schedule, self.base_lr, epoch=epoch, epochs=o.epochs, iteration=step,

@@ -2,22 +2,13 @@
 rare lent GPU machines; a failing section is recorded and the others still run."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from scripts import load_script  # tests/scripts.py
 
 
 def test_dry_run_writes_every_section_and_survives_a_failing_one(tmp_path, monkeypatch):
-    gc = load_gpu_check()
+    gc = load_script("bench/gpu_check.py")
 
     def broken(a, device):
         raise RuntimeError("simulated CUDA error in this section")

@@ -1,10 +1,10 @@
 """Helpers for the pretraining tests (a uniquely named module: ``conftest`` names clash across test folders)."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from pretrain.config import PretrainConfig, load_pretrain_config
+from scripts import load_script  # tests/scripts.py
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "pretrain" / "smoke.yaml"
@@ -21,7 +21,4 @@ def tiny_config(data_root: Path, out: Path, *extra: str) -> PretrainConfig:
 
 def load_cli():
     """``cli`` of ``tools/train_moco.py`` (a script, not a package module)."""
-    spec = importlib.util.spec_from_file_location("train_moco_cli", REPO / "tools" / "train_moco.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.cli
+    return load_script("tools/train_moco.py").cli

@@ -1,22 +1,16 @@
 """docs/config_keys.md is current, and the table generator reads what the dataclasses say."""
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List
 
 from pretrain.utils.config import run_setting
 from pretrain.utils.config_docs import leaf_rows, markdown_table
-
-ROOT = Path(__file__).resolve().parents[2]
+from scripts import load_script  # tests/scripts.py
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("make_config_docs", ROOT / "tools" / "make_config_docs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/make_config_docs.py")
 
 
 def test_the_config_key_table_is_current():

@@ -1,7 +1,6 @@
 """tools/convert_to_d2.py: outputs, manifest, and every failure mode exits non-zero leaving nothing behind."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -13,16 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from scripts import load_script  # tests/scripts.py
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "convert_to_d2.py"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("convert_to_d2_tool", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/convert_to_d2.py")
 
 
 @pytest.fixture(scope="module")

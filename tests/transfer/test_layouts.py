@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ from omegaconf import OmegaConf
 from transfer.weights.conversion import ConversionError
 from transfer.weights.files import load_checkpoint_file
 from transfer.weights.resolve import load_backbone_weights
+from scripts import load_script  # tests/scripts.py
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -184,20 +184,13 @@ def write(obj, path: Path) -> Path:
     return path
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("convert_to_d2_tool", REPO / "tools" / "convert_to_d2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("name", LAYOUT_FIXTURES)
 def test_every_layout_converts_by_the_cli_and_by_weights(name, tmp_path):
     obj, sources, default, layout = build(name)
     path = write(obj, tmp_path / f"{name}{SUFFIX.get(name, '.pth')}")
     # the CLI, default encoder: the manifest says which layout, which encoder and why
     out = tmp_path / "out.pth"
-    assert load_tool().main([str(path), str(out)]) == 0
+    assert load_script("tools/convert_to_d2.py").main([str(path), str(out)]) == 0
     manifest = json.loads((tmp_path / "out.pth.manifest.json").read_text())
     assert (manifest["layout"], manifest["encoder"], manifest["arch"]) == (layout, default, "resnet18")
     assert manifest["encoder_reason"].startswith("the layout's default")

@@ -80,17 +80,9 @@ def _check_exists(path: Path) -> None:
         raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
 
 
-class PlainNamespace:
-    """What an ``argparse.Namespace`` in a checkpoint becomes: a plain object with its attributes (the
-    unpickler sets them; no argparse code runs)."""
-
-    def __repr__(self) -> str:
-        return f"PlainNamespace({vars(self)})"
-
-
 class PlainObject:
-    """What an allowed config object (an OmegaConf ``DictConfig`` and its nodes) in a checkpoint becomes: a plain
-    object holding the attributes the unpickler sets; the class it stood for never runs."""
+    """What an allowed config object in a checkpoint (an ``argparse.Namespace``, an OmegaConf ``DictConfig`` and its
+    nodes) becomes: a plain object holding the attributes the unpickler sets; the class it stood for never runs."""
 
     def __repr__(self) -> str:
         return f"PlainObject({sorted(vars(self))})"
@@ -120,7 +112,7 @@ def _full_checkpoint_globals() -> Dict[str, Any]:
     from numpy import dtypes
 
     core = np._core if hasattr(np, "_core") else np.core  # numpy >= 2 renamed numpy.core
-    out: Dict[str, Any] = {"argparse.Namespace": PlainNamespace, "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype,
+    out: Dict[str, Any] = {"argparse.Namespace": PlainObject, "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype,
                            **{name: OrderedDict for name in _LIGHTNING_ATTRIBUTE_DICTS},
                            **{name: PlainObject for name in _OMEGACONF_CLASSES}, **_TYPE_REFERENCES}
     for spelling in ("numpy.core", "numpy._core"):  # files written under numpy 1 and numpy 2

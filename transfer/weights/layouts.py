@@ -171,7 +171,6 @@ LAYOUTS: Tuple[Layout, ...] = (
            heads=("fc1000_",), roots=("", "blobs/"), naming="caffe2"),
 )
 CAFFE2_LAYOUTS = frozenset(lay.name for lay in LAYOUTS if lay.naming == "caffe2")
-BY_NAME = {lay.name: lay for lay in LAYOUTS}
 _DEEP_STEM = re.compile(r"(^|\.)conv1\.\d+\.weight$")  # ResNet-D stems (timm resnet50d): conv1.0, conv1.3, conv1.6
 
 
@@ -268,7 +267,8 @@ def _candidates(tensors: Mapping[str, Any], others: Set[str]) -> List[Fit]:
         for root in layout.roots:
             fit = _fit(layout, root, tensors, others)
             default = fit.backbones[layout.encoders[0].name]
-            if (layout.marks and not fit.marks) or not (default or (not layout.default_reason and any(fit.backbones.values()))):
+            holds_one = default or (not layout.default_reason and any(fit.backbones.values()))
+            if (layout.marks and not fit.marks) or not holds_one:
                 continue
             fits.append(fit)
     return fits
@@ -289,7 +289,8 @@ def _leftover_error(fit: Fit) -> ConversionError:
                "torchvision ResNet, which the suite's models are; use a plain ResNet.")
     return ConversionError(
         f"checkpoint looks like layout {fit.layout.name} ({fit.layout.seen_in}), but {len(left)} tensors are "
-        f"neither its backbone nor one of its known heads ({', '.join(fit.layout.known_heads()) or 'none'}): {shown}.{why} "
+        f"neither its backbone nor one of its known heads ({', '.join(fit.layout.known_heads()) or 'none'}): "
+        f"{shown}.{why} "
         "Nothing was converted; a checkpoint is read only when every tensor is accounted for")
 
 
@@ -321,7 +322,8 @@ def extract_backbone(checkpoint: Any, encoder: Optional[str] = None) -> Tuple[Di
     ``teacher``/``student``, ``online``/``momentum``...), or None for the layout's default.
     Returns ``(backbone_sd, info)``: backbone_sd maps e.g. ``layer1.0.conv1.weight`` to a float tensor of
     the checkpoint's shape, without ``fc.*``, heads or ``num_batches_tracked``; info holds ``layout``,
-    ``layout_seen_in``, ``encoder``, ``encoder_reason``, ``encoders`` (all the layout holds), ``prefix``,
+    ``layout_seen_in``, ``encoder``, ``encoder_reason``, ``default_encoder`` (the layout's default, however named),
+    ``encoders`` (all the layout holds), ``prefix``,
     ``root``, ``wrappers_removed``, ``num_tensors``, ``dropped`` (count per group) and ``filled_bn_stats``.
     """
     tensors, others, removed = flatten(checkpoint)
@@ -342,7 +344,9 @@ def extract_backbone(checkpoint: Any, encoder: Optional[str] = None) -> Tuple[Di
         out[tv] = t.contiguous()
     filled = fill_folded_bn_stats(out) if fit.layout.naming == "caffe2" else 0
     info = {"layout": fit.layout.name, "layout_seen_in": fit.layout.seen_in, "encoder": enc.name,
-            "encoder_reason": reason, "encoders": [e.name for e in fit.layout.encoders if fit.backbones[e.name]],
+            "encoder_reason": reason,
+            "default_encoder": bool(fit.layout.default_reason) and enc is fit.layout.encoders[0],
+            "encoders": [e.name for e in fit.layout.encoders if fit.backbones[e.name]],
             "prefix": fit.root + enc.prefix, "root": fit.root, "wrappers_removed": removed,
             "num_tensors": len(out), "dropped": dict(sorted(dropped.items())), "filled_bn_stats": filled}
     return out, info

@@ -188,7 +188,7 @@ def load_weights_file(spec: str, name: Optional[str] = None, arch: Optional[str]
             logger.warning("%s has Detectron2 names but no manifest: assuming torchvision input settings "
                            "(RGB, ImageNet mean/std, STRIDE_IN_1X1 False)", path)
         # another encoder of the same file is other weights: its results must not share the default's folder
-        chosen = "" if info["encoder_reason"].startswith("the layout's default") else f"-{info['encoder']}"
+        chosen = "" if info["default_encoder"] else f"-{info['encoder']}"
         return BackboneWeights(name=name or _safe_name(f"{weights_stem(path)}-{sha[:8]}{chosen}"), arch=arch,
                                state_dict=backbone, layout=info["layout"], sha256=sha, source=str(path),
                                description=supervised.describe("checkpoint", arch, info["layout"]),
